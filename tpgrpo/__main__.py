@@ -1,0 +1,5 @@
+import sys
+
+from tpgrpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,364 @@
+"""The typed experiment configuration, loaded from ``params.yaml``.
+
+One schema for every entry point (CLI, DVC stages, Prefect flows). Every section forbids
+unknown keys, and any invalid value fails at load time with a one-line :class:`ConfigError`
+naming the file, the dotted field and what was expected.
+
+Ablations are expressed as dotted overrides (``credit.mode=incremental``), either given
+directly or collected under a named variant in the ``variants`` section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, get_origin
+
+import re
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tpgrpo.credit import CreditConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; as a config value it is always a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML the way params files and overrides are read."""
+    return yaml.load(text, Loader=_Loader)
+
+
+class _Section(BaseModel):
+    # strict: "10" is not silently an int, nor 1 a bool; lists stay lists.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+
+
+class ModelSection(_Section):
+    """The base pipeline: a diffusers directory or hub id."""
+
+    path: str = "models/base"
+    family: Literal["sd3", "flux"] = "sd3"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    resolution: int = Field(64, ge=16, multiple_of=16)
+
+
+class DataSection(_Section):
+    """Prompt sets (``<dir>/train.jsonl``, ``<dir>/test.jsonl``)."""
+
+    dir: str = "data/prompts"
+    num_train: int = Field(2000, ge=1)
+    num_test: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class SampleSection(_Section):
+    """Rollouts: the sampler, its SDE window and the GRPO groups."""
+
+    num_steps: int = Field(10, ge=1)
+    window_start: int = Field(0, ge=0)
+    window_size: int = Field(9, ge=1)
+    noise_level: float = Field(0.7, ge=0.0)
+    sampler: Literal["sde", "cps"] = "cps"
+    log_prob: Literal["gaussian", "unnormalized"] | None = None
+    guidance_scale: float = Field(2.0, ge=1.0)
+    batch_size: int = Field(16, ge=1, description="trajectories per rollout batch, summed over processes")
+    group_size: int = Field(4, ge=2, description="trajectories per prompt (the GRPO group)")
+    batches_per_epoch: int = Field(2, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per transformer forward; None = all")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampleSection":
+        if self.window_start + self.window_size > self.num_steps:
+            raise ValueError(
+                f"window_size: expected window_start + window_size <= num_steps ({self.num_steps}), "
+                f"got {self.window_start} + {self.window_size}"
+            )
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size: expected a multiple of group_size ({self.group_size}), got {self.batch_size}")
+        form = self.log_prob or ("unnormalized" if self.sampler == "cps" else "gaussian")
+        if self.sampler == "cps" and form == "gaussian" and self.window_start + self.window_size == self.num_steps:
+            raise ValueError(
+                "log_prob: gaussian is undefined for cps at the last step (std 0 at sigma' = 0); "
+                "end the window before the last step or use unnormalized"
+            )
+        return self
+
+    @property
+    def log_prob_form(self) -> str:
+        return self.log_prob or ("unnormalized" if self.sampler == "cps" else "gaussian")
+
+
+class CreditSection(_Section):
+    """Step-level credit assignment (see :mod:`tpgrpo.credit`)."""
+
+    mode: Literal["outcome", "incremental", "turning_point"] = "turning_point"
+    consistent: bool = True
+    first_step: bool = True
+    balance: bool = True
+    replace: bool = True
+    eta: float = Field(1.0, gt=0.0)
+
+    def to_credit_config(self) -> CreditConfig:
+        return CreditConfig(**self.model_dump())
+
+
+class AdvantageSection(_Section):
+    """Group normalisation of step rewards (see :mod:`tpgrpo.advantages`)."""
+
+    global_std: bool = False
+    clip_max: float = Field(5.0, gt=0.0)
+
+
+class TrainSection(_Section):
+    """The policy update."""
+
+    epochs: int = Field(20, ge=1)
+    time_budget_minutes: float | None = Field(None, gt=0.0)
+    learning_rate: float = Field(3e-4, gt=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    clip_range: float = Field(1e-4, gt=0.0)
+    kl_beta: float = Field(0.0, ge=0.0)
+    inner_epochs: int = Field(1, ge=1)
+    lora_rank: int | None = Field(8, ge=1, description="None = full fine-tuning")
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    ema_decay: float | None = Field(0.9, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(1, ge=1)
+
+
+class RewardSection(_Section):
+    """The reward, by registry name, with its options."""
+
+    name: str = "verifiable"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalSection(_Section):
+    """ODE evaluation on the test prompts."""
+
+    every: int = Field(5, ge=1)
+    num_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(2.0, ge=1.0)
+    num_prompts: int | None = Field(None, ge=1, description="None = the whole test set")
+    batch_size: int = Field(32, ge=1)
+
+
+class TrackingSection(_Section):
+    """MLflow. A relative sqlite path is resolved against the params file's directory."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "tpgrpo"
+
+
+class ExperimentConfig(_Section):
+    """The whole experiment; ``variants`` maps a name to dotted overrides."""
+
+    seed: int = 42
+    runs_dir: str = "runs"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    sample: SampleSection = SampleSection()
+    credit: CreditSection = CreditSection()
+    advantage: AdvantageSection = AdvantageSection()
+    train: TrainSection = TrainSection()
+    reward: RewardSection = RewardSection()
+    eval: EvalSection = EvalSection()
+    tracking: TrackingSection = TrackingSection()
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf under its dotted name (``credit.mode``), variants excluded: for trackers."""
+        return _flatten(self.model_dump(mode="json", exclude={"variants"}))
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted overrides applied.
+
+    Args:
+        raw: the nested mapping read from params.yaml.
+        overrides: ``{"credit.mode": "incremental"}`` or ``["credit.mode=incremental"]``; string
+            values are parsed as YAML scalars (``true``, ``0.5``, ``null``).
+
+    Raises:
+        ConfigError: an override is malformed or names a key that the schema does not have.
+    """
+    pairs = _parse_overrides(overrides)
+    out = _deep_copy(raw)
+    for dotted, value in pairs:
+        parts = dotted.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {dotted!r}: expected a dotted key such as credit.mode")
+        model: type[BaseModel] | None = ExperimentConfig
+        node = out
+        for i, part in enumerate(parts):
+            path = ".".join(parts[: i + 1])
+            if model is None or part not in model.model_fields:
+                raise ConfigError(f"override {dotted!r}: unknown key {path!r}")
+            annotation = model.model_fields[part].annotation
+            is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            is_mapping = get_origin(annotation) is dict
+            if i == len(parts) - 1:
+                node[part] = value
+                break
+            if not (is_section or is_mapping):
+                raise ConfigError(f"override {dotted!r}: {path!r} is a value, not a section")
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {path!r} is not a mapping in the params file")
+            if is_mapping:
+                # Free-form options (reward.options.*): the remaining parts are plain keys.
+                for key in parts[i + 1 : -1]:
+                    child = child.setdefault(key, {})
+                child[parts[-1]] = value
+                break
+            node, model = child, annotation
+    return out
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    *,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+) -> ExperimentConfig:
+    """Load, override and validate the experiment configuration.
+
+    Args:
+        path: the params file.
+        variant: a name under ``variants`` whose overrides are applied first.
+        overrides: further dotted overrides, applied last.
+
+    Raises:
+        ConfigError: one line naming the file and the first offending field.
+    """
+    path = Path(path)
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(raw, source=str(path), variant=variant, overrides=overrides, base_dir=path.parent)
+
+
+def config_from_dict(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "params",
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+    base_dir: str | Path = ".",
+) -> ExperimentConfig:
+    """Validate a nested mapping as :class:`ExperimentConfig` (see :func:`load_config`)."""
+    try:
+        data = dict(raw)
+        if variant is not None:
+            variants = data.get("variants") or {}
+            if variant not in variants:
+                known = ", ".join(sorted(variants)) or "none"
+                raise ConfigError(f"variant {variant!r} is not defined under 'variants' (defined: {known})")
+            data = apply_overrides(data, variants[variant] or {})
+        data = apply_overrides(data, overrides)
+        cfg = ExperimentConfig.model_validate(data)
+        for name, spec in cfg.variants.items():
+            try:
+                ExperimentConfig.model_validate(apply_overrides({**data, "variants": {}}, spec or {}))
+            except ConfigError as exc:
+                raise ConfigError(f"variants.{name}: {exc}") from None
+            except ValidationError as exc:
+                raise ConfigError(f"variants.{name}: {_first_error(exc)}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+    return _resolve_tracking_uri(cfg, Path(base_dir))
+
+
+def _resolve_tracking_uri(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
+    # A relative sqlite path would follow the working directory, which differs inside
+    # `dvc exp` temp copies; anchoring it to the params file keeps every run in one store.
+    prefix = "sqlite:///"
+    uri = cfg.tracking.uri
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        absolute = (base_dir / uri[len(prefix) :]).resolve()
+        tracking = cfg.tracking.model_copy(update={"uri": prefix + str(absolute)})
+        return cfg.model_copy(update={"tracking": tracking})
+    return cfg
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "value_error":
+        # Cross-field checks name their field first ("window_size: expected ...").
+        field, _, rest = err["msg"].removeprefix("Value error, ").partition(": ")
+        return f"{'.'.join(filter(None, (loc, field)))}: {rest}"
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f", got {got!r}"
+    return f"{loc or '(top level)'}: {err['msg'].lower()}{got_text}"
+
+
+def _parse_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[str, Any]]:
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. credit.mode=incremental")
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not a valid YAML scalar") from None
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _deep_copy(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {k: _deep_copy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_deep_copy(v) for v in node]
+    return node
+
+
+def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
