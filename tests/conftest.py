@@ -12,3 +12,15 @@ for _key, _value in {
     "HF_HUB_OFFLINE": "1",
 }.items():
     os.environ.setdefault(_key, _value)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A randomly initialised tiny SD3 pipeline (32 px), built once per session."""
+    from tpgrpo.models import TinySD3Config, build_tiny_sd3
+
+    words = "a an one two three red green blue yellow circle circles square squares triangle triangles left of right on background".split()
+    return build_tiny_sd3(words, TinySD3Config(image_size=32), seed=0)

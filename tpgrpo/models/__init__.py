@@ -1,0 +1,63 @@
+"""Flow-matching text-to-image models behind one small adapter protocol.
+
+    from tpgrpo.models import load_adapter
+    adapter = load_adapter("models/base")          # or a pipeline object
+    embeds = adapter.encode_prompts(prompts, guidance_scale=2.0)
+    schedule = adapter.timesteps(10)
+    x = adapter.prepare_latents(len(prompts), generator)
+    for i, t in enumerate(schedule.timesteps):
+        x = x + (schedule.sigmas[i + 1] - schedule.sigmas[i]) * adapter.velocity(x, t, embeds, 2.0)
+    images = adapter.decode(x)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+from tpgrpo.models.base import (
+    ModelAdapter,
+    ModelLoadError,
+    PromptEmbeds,
+    Schedule,
+    cfg_enabled,
+    load_pipeline,
+    save_pipeline,
+)
+from tpgrpo.models.sd3 import SD3Adapter
+from tpgrpo.models.tiny import TinySD3Config, build_tiny_sd3
+
+# A new model family (FLUX) is one more entry here.
+_ADAPTERS: dict[type[DiffusionPipeline], type] = {StableDiffusion3Pipeline: SD3Adapter}
+
+
+def load_adapter(
+    source: str | os.PathLike[str] | DiffusionPipeline,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ModelAdapter:
+    """The adapter for a pipeline object or a pipeline directory (loaded with ``load_pipeline``;
+    ``dtype`` and ``device`` apply only then). Raises ModelLoadError for unsupported pipelines."""
+    pipe = source if isinstance(source, DiffusionPipeline) else load_pipeline(source, dtype, device)
+    for pipeline_class, adapter_class in _ADAPTERS.items():
+        if isinstance(pipe, pipeline_class):
+            return adapter_class(pipe)
+    supported = ", ".join(c.__name__ for c in _ADAPTERS)
+    raise ModelLoadError(f"{type(pipe).__name__} is not supported (supported: {supported})")
+
+
+__all__ = [
+    "ModelAdapter",
+    "ModelLoadError",
+    "PromptEmbeds",
+    "SD3Adapter",
+    "Schedule",
+    "TinySD3Config",
+    "build_tiny_sd3",
+    "cfg_enabled",
+    "load_adapter",
+    "load_pipeline",
+    "save_pipeline",
+]

@@ -1,0 +1,209 @@
+"""Model-independent parts of the model layer: prompt embeddings, the adapter protocol the
+rollout and trainer program against, and reading / writing diffusers pipeline directories.
+
+An adapter exposes one flow-matching model as a velocity field ``v(x_t, t | prompt)`` with
+classifier-free guidance, plus what is needed around it (noise, schedule, text encoding, VAE
+decoding). The rollout owns the sampling loop; adding FLUX means adding an adapter, not touching
+the rollout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import logging as diffusers_logging
+from torch import Tensor
+from transformers.utils import logging as transformers_logging
+
+
+class ModelLoadError(RuntimeError):
+    """A pipeline directory could not be loaded; the message is one line naming the path."""
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """Text conditioning of a batch of B prompts (field names as diffusers' pipelines use them).
+
+    prompt_embeds: [B, L, D] per-token embeddings.
+    pooled_prompt_embeds: [B, P] pooled embeddings.
+    negative_prompt_embeds / negative_pooled_prompt_embeds: same shapes, the unconditional
+    (negative-prompt) branch of classifier-free guidance; None when guidance is off.
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled_prompt_embeds: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    def select(self, index: Tensor) -> PromptEmbeds:
+        """Rows ``index`` ([M] long, repeats allowed) of every tensor: [B, ...] -> [M, ...].
+
+        The rollout uses it to give each branch (SDE trajectory, ODE completions) its prompt.
+        """
+        return PromptEmbeds(
+            *(None if t is None else t.index_select(0, index.to(t.device)) for t in self._tensors())
+        )
+
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        return (
+            self.prompt_embeds,
+            self.pooled_prompt_embeds,
+            self.negative_prompt_embeds,
+            self.negative_pooled_prompt_embeds,
+        )
+
+
+class Schedule(NamedTuple):
+    """The sampler's time grid for N steps, as the pipeline's ``scheduler.set_timesteps`` gives it.
+
+    timesteps: [N] model timesteps (sigma * num_train_timesteps), first one noisiest.
+    sigmas: [N+1] noise levels, decreasing, sigmas[N] = 0; step i goes sigmas[i] -> sigmas[i+1].
+    """
+
+    timesteps: Tensor
+    sigmas: Tensor
+
+
+def cfg_enabled(guidance_scale: float) -> bool:
+    """Whether classifier-free guidance runs; diffusers' rule, so scale 1.0 is one plain forward."""
+    return guidance_scale > 1.0
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What the rollout and trainer need from a flow-matching text-to-image model.
+
+    Images are [B, 3, H, W] floats in [0, 1]; latents are [B, C, h, w] in the transformer's
+    (scaled) latent space. ``velocity`` keeps autograd, everything else runs without gradients.
+    """
+
+    pipe: DiffusionPipeline
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser, the module LoRA is applied to."""
+        ...
+
+    @property
+    def scheduler(self) -> FlowMatchEulerDiscreteScheduler: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's dtype; latents from ``prepare_latents`` and velocities have it."""
+        ...
+
+    def encode_prompts(self, prompts: Sequence[str], guidance_scale: float) -> PromptEmbeds:
+        """Encode B prompts; the negative branch is encoded only when guidance is on."""
+        ...
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Tensor:
+        """x_T: [B, C, h, w] standard normal noise, drawn as the pipeline draws it."""
+        ...
+
+    def timesteps(self, num_steps: int, height: int | None = None, width: int | None = None) -> Schedule:
+        """The pipeline's schedule for ``num_steps`` (image size matters for dynamic shifting)."""
+        ...
+
+    def velocity(
+        self, latents: Tensor, timestep: Tensor, embeds: PromptEmbeds, guidance_scale: float
+    ) -> Tensor:
+        """Guided velocity [B, C, h, w] at latents [B, C, h, w] and timestep (scalar or [B])."""
+        ...
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1]."""
+        ...
+
+
+def save_pipeline(pipe: DiffusionPipeline, path: str | os.PathLike[str]) -> Path:
+    """Write ``pipe`` with ``save_pretrained`` (safetensors) to ``path``, atomically.
+
+    The pipeline is written to a temporary sibling directory and renamed into place, so ``path``
+    never holds a half-written pipeline; an existing ``path`` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with _quiet_progress():
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DiffusionPipeline:
+    """Load a local diffusers pipeline directory, as any SD3.5 / FLUX checkpoint is loaded.
+
+    Raises ModelLoadError with a one-line message when ``path`` is missing, is not a pipeline
+    directory or holds unreadable components (e.g. truncated weights).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: no such pipeline directory")
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path}: not a diffusers pipeline directory (model_index.json missing)")
+    try:
+        # local_files_only: a relative path such as "models/base" must never turn into a Hub lookup.
+        with _quiet_progress():
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as exc:  # the loaders raise many types (OSError, ValueError, SafetensorError...)
+        detail = str(exc).strip().splitlines()
+        raise ModelLoadError(
+            f"{path}: cannot load pipeline: {type(exc).__name__}: {detail[0] if detail else ''}"
+        ) from exc
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Silence the per-component / per-shard progress bars of diffusers and transformers, which
+    would print a dozen bars for every tiny-model checkpoint; restores the previous setting."""
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()

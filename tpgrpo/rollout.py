@@ -1,0 +1,327 @@
+"""Trajectories with an SDE window, and the ODE completions that TP-GRPO scores.
+
+A trajectory runs N steps on the flow-matching schedule: ODE (Euler) steps before the window,
+W stochastic steps ``s .. s+W-1`` (``sde`` or ``cps``, log-probs recorded), ODE steps after.
+``z_0`` is the state entering the window and ``z_k`` the state after its k-th SDE step. With
+``completions=True`` every ``z_k`` is also completed to an image with the ODE sampler:
+completion 0 is the pure-ODE image from the same ``x_T`` (it shares the ODE prefix), and the
+completion of ``z_W`` is the trajectory's own final image (the suffix is ODE anyway), so it is
+neither recomputed nor decoded twice.
+
+Lockstep: at time index i every live branch — the trajectory and each completion that has
+started — sits at the same timestep, so all of them advance in one batched transformer forward
+(split into micro-batches when asked). A completion's first velocity is the trajectory's
+velocity at the same state and time, so it is reused rather than recomputed.
+:func:`rollout_sequential` is the per-completion loop of the published code, kept as the
+reference the lockstep version is tested and benchmarked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tpgrpo.models import ModelAdapter, PromptEmbeds, load_adapter
+from tpgrpo.sde import LogProbForm, Sampler, sde_step
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How trajectories are sampled.
+
+    Attributes:
+        num_steps: N, sampler steps.
+        window_start: s, first SDE step (0-based).
+        window_size: W >= 1, number of SDE steps; ``s + W <= N``.
+        noise_level: a, the SDE noise level (0: every step is the ODE step).
+        sampler: ``sde`` or ``cps``.
+        log_prob: log-prob form; None = the sampler's default (see :mod:`tpgrpo.sde`).
+        guidance_scale: classifier-free guidance (1 = off), for sampling and completions alike.
+        completions: also produce the ODE completions of z_0..z_W (TP-GRPO, incremental).
+        micro_batch_size: rows per transformer forward (before CFG doubling); None = all.
+        height, width: image size; None = the model's default.
+        progress: show a progress bar over the steps.
+    """
+
+    num_steps: int = 10
+    window_start: int = 0
+    window_size: int = 9
+    noise_level: float = 0.7
+    sampler: Sampler = "cps"
+    log_prob: LogProbForm | None = None
+    guidance_scale: float = 4.5
+    completions: bool = True
+    micro_batch_size: int | None = None
+    height: int | None = None
+    width: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps: expected >= 1, got {self.num_steps}")
+        if self.window_size < 1 or self.window_start < 0 or self.window_start + self.window_size > self.num_steps:
+            raise ValueError(
+                f"window: expected 0 <= window_start and 1 <= window_size with window_start + window_size <= "
+                f"num_steps ({self.num_steps}), got window_start={self.window_start}, window_size={self.window_size}"
+            )
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: expected >= 1 or None, got {self.micro_batch_size}")
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """Cost of a rollout: transformer calls and the rows they processed (CFG rows counted)."""
+
+    passes: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A batch of B trajectories.
+
+    Attributes:
+        images: [B, 3, H, W] float in [0, 1], final images.
+        completion_images: [B, W+1, 3, H, W] ODE completions of z_0..z_W (index 0: the pure-ODE
+            image from x_T; index W: ``images``); None without completions.
+        latents: [B, W+1, C, h, w] z_0..z_W.
+        log_probs: [B, W] float32 log-prob of each SDE transition z_{k-1} -> z_k.
+        initial_noise: [B, C, h, w] x_T.
+        step_indices: [W] long, the schedule index of each SDE step (s .. s+W-1).
+        timesteps: [W] model timesteps of the SDE steps.
+        sigmas: [N+1] the schedule.
+        embeds: the prompts' embeddings, for recomputing log-probs in the update.
+        stats: transformer cost.
+    """
+
+    images: Tensor
+    completion_images: Tensor | None
+    latents: Tensor
+    log_probs: Tensor
+    initial_noise: Tensor
+    step_indices: Tensor
+    timesteps: Tensor
+    sigmas: Tensor
+    embeds: PromptEmbeds = field(repr=False)
+    stats: ForwardStats
+
+
+def as_adapter(model: object) -> ModelAdapter:
+    """Accept a diffusers pipeline, a pipeline directory or an adapter."""
+    if isinstance(model, ModelAdapter):
+        return model
+    return load_adapter(model)  # type: ignore[arg-type]
+
+
+class _Forward:
+    """Guided transformer forwards over rows that may belong to different prompts, micro-batched
+    and counted."""
+
+    def __init__(self, adapter: ModelAdapter, embeds: PromptEmbeds, guidance_scale: float, micro: int | None):
+        self.adapter, self.embeds, self.guidance_scale, self.micro = adapter, embeds, guidance_scale, micro
+        self.rows_per_latent = 2 if embeds.has_negative else 1
+        self.passes = 0
+        self.rows = 0
+
+    def __call__(self, latents: Tensor, timestep: Tensor, prompt_index: Tensor) -> Tensor:
+        chunk = self.micro or latents.shape[0]
+        out = []
+        for start in range(0, latents.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            embeds = self.embeds.select(prompt_index[rows])
+            out.append(self.adapter.velocity(latents[rows], timestep, embeds, self.guidance_scale))
+            self.passes += 1
+            self.rows += (min(start + chunk, latents.shape[0]) - start) * self.rows_per_latent
+        return torch.cat(out)
+
+    def stats(self) -> ForwardStats:
+        return ForwardStats(passes=self.passes, rows=self.rows)
+
+
+@dataclass
+class _Setup:
+    adapter: ModelAdapter
+    embeds: PromptEmbeds
+    x_T: Tensor
+    noise: Tensor
+    timesteps: Tensor
+    sigmas: Tensor
+    forward: _Forward
+
+
+def _setup(
+    model: object,
+    prompts: Sequence[str],
+    cfg: RolloutConfig,
+    latents: Tensor | None,
+    noise: Tensor | None,
+    generator: torch.Generator | None,
+) -> _Setup:
+    if len(prompts) == 0:
+        raise ValueError("prompts: expected at least one prompt")
+    adapter = as_adapter(model)
+    B = len(prompts)
+    embeds = adapter.encode_prompts(list(prompts), cfg.guidance_scale)
+    if latents is None:
+        latents = adapter.prepare_latents(B, generator, cfg.height, cfg.width)
+    elif latents.shape[0] != B:
+        raise ValueError(f"latents: expected {B} rows (one per prompt), got shape {tuple(latents.shape)}")
+    latents = latents.to(adapter.device, adapter.dtype)
+    shape = (B, cfg.window_size, *latents.shape[1:])
+    if noise is None:
+        # Drawn once up front (after x_T), so any sampling order sees the same noise.
+        noise = torch.randn(shape, generator=generator, device=latents.device, dtype=torch.float32)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+    schedule = adapter.timesteps(cfg.num_steps, cfg.height, cfg.width)
+    forward = _Forward(adapter, embeds, cfg.guidance_scale, cfg.micro_batch_size)
+    return _Setup(adapter, embeds, latents, noise, schedule.timesteps, schedule.sigmas, forward)
+
+
+def _euler(velocity: Tensor, sample: Tensor, sigmas: Tensor, i: int) -> Tensor:
+    return sde_step(velocity, sample, sigmas, i, noise_level=0.0).sample
+
+
+def _decode(adapter: ModelAdapter, latents: Tensor, micro: int | None) -> Tensor:
+    chunk = micro or latents.shape[0]
+    return torch.cat([adapter.decode(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)])
+
+
+@torch.no_grad()
+def rollout(
+    model: object,
+    prompts: Sequence[str],
+    cfg: RolloutConfig,
+    *,
+    latents: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample one trajectory per prompt (lockstep over all live branches).
+
+    Args:
+        model: a diffusers pipeline, a pipeline directory or a :class:`ModelAdapter`.
+        prompts: B prompts (repeat a prompt to get a GRPO group).
+        cfg: sampling options.
+        latents: [B, C, h, w] x_T; drawn from ``generator`` when None.
+        noise: [B, W, C, h, w] standard normal noise of the SDE steps; drawn when None.
+        generator: RNG for x_T and the noise.
+
+    Returns:
+        :class:`Rollout`.
+    """
+    run = _setup(model, prompts, cfg, latents, noise, generator)
+    B, s, W = len(prompts), cfg.window_start, cfg.window_size
+    own = torch.arange(B, device=run.x_T.device)
+    x = run.x_T
+    states = []
+    log_probs = []
+    branches = x.new_zeros((0, *x.shape[1:]))  # ODE completions under way, W blocks of B rows at most
+    branch_prompts = own[:0]
+
+    for i in tqdm(range(cfg.num_steps), desc="rollout", disable=not cfg.progress, leave=False):
+        t = run.timesteps[i]
+        v = run.forward(torch.cat([x, branches]), t, torch.cat([own, branch_prompts]))
+        v_main, v_branches = v[:B], v[B:]
+        branches = _euler(v_branches, branches, run.sigmas, i)
+        if s <= i < s + W:
+            k = i - s
+            states.append(x)
+            if cfg.completions:
+                # Completion of z_k starts here; its first velocity is the trajectory's.
+                branches = torch.cat([branches, _euler(v_main, x, run.sigmas, i)])
+                branch_prompts = torch.cat([branch_prompts, own])
+            step = sde_step(
+                v_main, x, run.sigmas, i,
+                noise_level=cfg.noise_level, sampler=cfg.sampler, log_prob_form=cfg.log_prob,
+                noise=run.noise[:, k],
+            )
+            x = step.sample
+            log_probs.append(step.log_prob)
+        else:
+            x = _euler(v_main, x, run.sigmas, i)
+        if i == s + W - 1:
+            states.append(x)
+
+    if cfg.completions:
+        decoded = _decode(run.adapter, torch.cat([branches, x]), cfg.micro_batch_size)
+        completion_images = decoded.reshape(W + 1, B, *decoded.shape[1:]).transpose(0, 1)
+        images = decoded[W * B :]
+    else:
+        completion_images = None
+        images = _decode(run.adapter, x, cfg.micro_batch_size)
+    return _result(run, cfg, images, completion_images, states, log_probs)
+
+
+@torch.no_grad()
+def rollout_sequential(
+    model: object,
+    prompts: Sequence[str],
+    cfg: RolloutConfig,
+    *,
+    latents: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """The same samples as :func:`rollout`, computed the published way: the trajectory first, then
+    one ODE run per completion, each starting with its own forward. Reference for tests and
+    benchmarks; same arguments and result."""
+    run = _setup(model, prompts, cfg, latents, noise, generator)
+    B, s, W = len(prompts), cfg.window_start, cfg.window_size
+    own = torch.arange(B, device=run.x_T.device)
+    x = run.x_T
+    states, log_probs = [], []
+    for i in range(cfg.num_steps):
+        v = run.forward(x, run.timesteps[i], own)
+        if s <= i < s + W:
+            states.append(x)
+            step = sde_step(
+                v, x, run.sigmas, i,
+                noise_level=cfg.noise_level, sampler=cfg.sampler, log_prob_form=cfg.log_prob,
+                noise=run.noise[:, i - s],
+            )
+            x = step.sample
+            log_probs.append(step.log_prob)
+        else:
+            x = _euler(v, x, run.sigmas, i)
+        if i == s + W - 1:
+            states.append(x)
+    images = _decode(run.adapter, x, cfg.micro_batch_size)
+
+    completion_images = None
+    if cfg.completions:
+        finals = []
+        for k in range(W):
+            z = states[k]
+            for i in range(s + k, cfg.num_steps):
+                z = _euler(run.forward(z, run.timesteps[i], own), z, run.sigmas, i)
+            finals.append(_decode(run.adapter, z, cfg.micro_batch_size))
+        completion_images = torch.stack(finals + [images], dim=1)
+    return _result(run, cfg, images, completion_images, states, log_probs)
+
+
+def _result(
+    run: _Setup,
+    cfg: RolloutConfig,
+    images: Tensor,
+    completion_images: Tensor | None,
+    states: list[Tensor],
+    log_probs: list[Tensor],
+) -> Rollout:
+    steps = torch.arange(cfg.window_start, cfg.window_start + cfg.window_size)
+    return Rollout(
+        images=images,
+        completion_images=completion_images,
+        latents=torch.stack(states, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        initial_noise=run.x_T,
+        step_indices=steps,
+        timesteps=run.timesteps[steps.to(run.timesteps.device)],
+        sigmas=run.sigmas,
+        embeds=run.embeds,
+        stats=run.forward.stats(),
+    )
