@@ -11,11 +11,8 @@ from typing import Callable, Sequence
 
 import yaml
 
-from tpgrpo.config import ConfigError, ExperimentConfig, load_config
-
-
-class UserError(Exception):
-    """A problem with the user's input or files; printed as one line, exit status 2."""
+from tpgrpo.config import ExperimentConfig, load_config
+from tpgrpo.errors import UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +32,20 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.params, variant=args.variant, overrides=args.overrides)
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Generate the synthetic prompt sets (data.dir/train.jsonl, data.dir/test.jsonl).
+
+    Test prompts are held-out combinations: each contains a colour-shape pair that never occurs
+    in the training prompts (nor in the images the base model is pretrained on).
+    """
+    from tpgrpo.world import load_prompts, write_prompt_sets
+
+    cfg = _config(args)
+    paths = write_prompt_sets(cfg.data.dir, cfg.data.num_train, cfg.data.num_test, cfg.data.seed)
+    for split, path in (("train", paths.train), ("test", paths.test)):
+        print(f"{split}: {len(load_prompts(path))} prompts -> {path}")
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     """Validate params.yaml (with variant and overrides) and print the resolved configuration."""
     cfg = _config(args)
@@ -44,6 +55,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "prepare": (cmd_prepare, "generate the synthetic prompt sets"),
     "check": (cmd_check, "validate params.yaml and print the resolved configuration"),
 }
 
@@ -65,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, UserError) as exc:
+    except UserError as exc:
         print(f"tpgrpo {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

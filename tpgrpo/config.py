@@ -10,19 +10,15 @@ directly or collected under a named variant in the ``variants`` section.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_origin
-
-import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tpgrpo.credit import CreditConfig
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message is one line naming the field."""
+from tpgrpo.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):

@@ -30,6 +30,7 @@ without passing the seed around.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +40,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from tpgrpo.errors import PromptFileError
 
 Kind = Literal["single", "counting", "two_objects", "position"]
 Relation = Literal["left_of", "right_of"]
@@ -279,7 +282,10 @@ def write_prompts(path: str | Path, specs: Iterable[PromptSpec]) -> Path:
     """Write one metadata JSON object per line (the format :func:`load_prompts` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in specs), encoding="utf-8")
+    # Written beside the target and renamed, so an interrupted run never leaves half a file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in specs), encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -292,8 +298,6 @@ def write_prompt_sets(out_dir: str | Path, n_train: int, n_test: int, seed: int)
     )
 
 
-class PromptFileError(ValueError):
-    """A prompt file is missing, empty or has a malformed line; the message names file and line."""
 
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:

@@ -12,7 +12,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """This project never installs torchvision (its PyPI build breaks beside the CPU torch), so
+    transformers' notice that it falls back to PIL image processors is noise on every import."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline

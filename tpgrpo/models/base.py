@@ -23,9 +23,9 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from transformers.utils import logging as transformers_logging
 
+from tpgrpo.errors import ModelLoadError
 
-class ModelLoadError(RuntimeError):
-    """A pipeline directory could not be loaded; the message is one line naming the path."""
+
 
 
 @dataclass(frozen=True)

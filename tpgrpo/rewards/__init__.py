@@ -22,7 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["RewardFunction", "RewardOutput", "available_rewards", "build_reward", "register_reward"]
+from tpgrpo.errors import UnknownRewardError
+
+__all__ = ["RewardFunction", "RewardOutput", "UnknownRewardError", "available_rewards", "build_reward", "register_reward"]
 
 
 @dataclass
@@ -38,6 +40,8 @@ class RewardOutput:
         for name, value in self.details.items():
             if value.shape != self.scores.shape:
                 raise ValueError(f"reward detail {name!r} has shape {tuple(value.shape)}, scores {tuple(self.scores.shape)}")
+
+
 
 
 class RewardFunction(Protocol):
@@ -75,7 +79,7 @@ def _resolve(name: str) -> Callable[..., RewardFunction]:
 def build_reward(name: str, **options: Any) -> RewardFunction:
     """Build the reward registered as ``name`` with ``options`` as keyword arguments."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}")
+        raise UnknownRewardError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}")
     factory = _resolve(name)
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

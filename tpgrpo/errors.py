@@ -1,0 +1,23 @@
+"""Errors a user can fix. Each message is one line naming the file or field and what was expected;
+the ``tpgrpo`` command prints it and exits with status 2. Kept free of heavy imports so the
+command line can catch them without loading torch or diffusers."""
+
+
+class UserError(Exception):
+    """A problem with the user's input, configuration or files."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration (params.yaml, a variant or an override)."""
+
+
+class PromptFileError(UserError, ValueError):
+    """A prompt file is missing, empty or has a malformed line."""
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A pipeline directory is missing, incomplete or unreadable."""
+
+
+class UnknownRewardError(UserError, ValueError):
+    """A reward name that is not registered."""
