@@ -21,6 +21,6 @@ import pytest  # noqa: E402
 def tiny_pipe():
     """A randomly initialised tiny SD3 pipeline (32 px), built once per session."""
     from tpgrpo.models import TinySD3Config, build_tiny_sd3
+    from tpgrpo.world import VOCABULARY
 
-    words = "a an one two three red green blue yellow circle circles square squares triangle triangles left of right on background".split()
-    return build_tiny_sd3(words, TinySD3Config(image_size=32), seed=0)
+    return build_tiny_sd3(VOCABULARY, TinySD3Config(image_size=32), seed=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import yaml
@@ -46,6 +47,94 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"{split}: {len(load_prompts(path))} prompts -> {path}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Fine-tune the base model with GRPO for one variant (TP-GRPO, Flow-GRPO, ...).
+
+    Writes runs/<variant>/ (checkpoints/, history.csv, metrics.json, final/, samples/) and logs
+    the run to MLflow. Resumes from the newest checkpoint of runs/<variant>/ unless --restart.
+    Multi-GPU / multi-node: run it under `accelerate launch`.
+    """
+    import shutil
+
+    from accelerate import Accelerator
+
+    from tpgrpo.tracking import finishing, open_tracker, run_tags
+    from tpgrpo.trainer import Trainer, previous_run_id
+
+    cfg = _config(args)
+    variant = args.variant or "default"
+    acc = Accelerator()
+    run_dir = Path(cfg.runs_dir) / variant
+    if args.restart and acc.is_main_process and run_dir.exists():
+        shutil.rmtree(run_dir)
+    acc.wait_for_everyone()
+    tracker = open_tracker(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        is_main_process=acc.is_main_process,
+        run_name=variant,
+        run_id=previous_run_id(run_dir),
+        parent_run_id=args.parent_run_id,
+        tags=run_tags(variant),
+    )
+    with finishing(tracker):
+        result = Trainer(cfg, variant=variant, tracker=tracker, accelerator=acc).fit()
+    if acc.is_main_process:
+        before = "n/a" if result.eval_reward_initial is None else f"{result.eval_reward_initial:.4f}"
+        print(
+            f"{variant}: {result.epochs} epochs in {result.minutes:.1f} min; "
+            f"eval reward {before} -> {result.eval_reward_final:.4f}; outputs in {result.run_dir}"
+        )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Evaluate the base model (no --variant) or a variant's trained weights (runs/<variant>/final)
+    on the test prompts with ODE sampling (eval.num_steps, eval.guidance_scale).
+
+    Prints the mean reward and its per-constraint means; --out writes them as JSON, and a sample
+    grid is written beside it.
+    """
+    import json
+
+    from tpgrpo.data import load_prompt_set
+    from tpgrpo.evaluate import evaluate_prompts, save_grid
+    from tpgrpo.models import load_adapter, load_pipeline
+    from tpgrpo.rewards import build_reward
+
+    cfg = _config(args)
+    pipe = load_pipeline(cfg.model.path)
+    if args.variant:
+        final = Path(cfg.runs_dir) / args.variant / "final"
+        if not final.is_dir():
+            raise UserError(f"{final}: no trained weights; run `tpgrpo train --variant {args.variant}` first")
+        if (final / "transformer").is_dir():
+            pipe.transformer = type(pipe.transformer).from_pretrained(final / "transformer")
+        else:
+            pipe.load_lora_weights(final)
+    test = load_prompt_set(Path(cfg.data.dir) / "test.jsonl")
+    if cfg.eval.num_prompts is not None:
+        test = test.take(list(range(min(cfg.eval.num_prompts, len(test)))))
+    result = evaluate_prompts(
+        load_adapter(pipe),
+        test,
+        build_reward(cfg.reward.name, **cfg.reward.options),
+        num_steps=cfg.eval.num_steps,
+        guidance_scale=cfg.eval.guidance_scale,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        resolution=cfg.model.resolution,
+    )
+    summary = {"model": args.variant or "base", "reward": result.reward, "prompts": len(test), **result.details}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(out)
+        save_grid(result, out.with_suffix(".png"))
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     """Validate params.yaml (with variant and overrides) and print the resolved configuration."""
     cfg = _config(args)
@@ -56,6 +145,8 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "prepare": (cmd_prepare, "generate the synthetic prompt sets"),
+    "train": (cmd_train, "fine-tune one variant with GRPO (resumable)"),
+    "evaluate": (cmd_evaluate, "evaluate the base model or a variant's trained weights"),
     "check": (cmd_check, "validate params.yaml and print the resolved configuration"),
 }
 
@@ -70,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=func.__doc__)
         _add_config_args(p)
         p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--restart", action="store_true", help="discard runs/<variant>/ and start over")
+            p.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under (ablations)")
+        if name == "evaluate":
+            p.add_argument("--out", default=None, help="write the result as JSON (and a sample grid beside it)")
     return parser
 
 

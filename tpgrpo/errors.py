@@ -21,3 +21,7 @@ class ModelLoadError(UserError, RuntimeError):
 
 class UnknownRewardError(UserError, ValueError):
     """A reward name that is not registered."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or was written by a different number of processes."""

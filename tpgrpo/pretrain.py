@@ -28,7 +28,6 @@ Everything draws from generators seeded by ``seed``: the same seed gives the sam
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -48,7 +47,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tpgrpo import world
-from tpgrpo.models import PromptEmbeds, TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
+from tpgrpo.models import TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
+from tpgrpo.models.base import _quiet_progress
 from tpgrpo.rewards import build_reward
 from tpgrpo.rollout import RolloutConfig, as_adapter, rollout
 
@@ -75,6 +75,11 @@ class PretrainConfig:
     clipped at ``grad_clip`` (0: off); sigma = sigmoid(N(``logit_mean``, ``logit_std``)), shifted
     like the scheduler when ``shift_sigmas``; ``caption_dropout`` of the captions replaced by the
     empty prompt; EMA with ``ema_decay`` (warmed up as (1 + n) / (10 + n)).
+
+    ``num_threads``: torch CPU threads during the call (restored afterwards); 0 leaves torch's
+    setting alone. On a 2-core box whose other core is busy, 2 threads made the small convolutions
+    of the VAE ~10x slower than 1 thread (the threads wait on each other), so 1 is the safe choice
+    on shared machines.
 
     Evaluation: ``eval_prompts`` test prompts (drawn with ``eval_seed``, fixed across model seeds)
     unless ``pretrain`` gets ``test_prompts``; ``eval_steps`` ODE steps at ``eval_guidance_scale``.
@@ -114,6 +119,8 @@ class PretrainConfig:
     eval_guidance_scale: float = 2.0
     eval_batch_size: int = 64
 
+    num_threads: int = 0
+
     def __post_init__(self) -> None:
         positive_ints = (
             "image_size", "num_layers", "num_attention_heads", "attention_head_dim", "patch_size",
@@ -124,7 +131,7 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PretrainConfig.{name}: expected an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "eval_seed"):
+        for name in ("warmup_steps", "eval_seed", "num_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"PretrainConfig.{name}: expected an int >= 0, got {value!r}")
@@ -610,7 +617,18 @@ def pretrain(
     if not isinstance(cfg, PretrainConfig):
         raise TypeError(f"pretrain: cfg must be a PretrainConfig, got {type(cfg).__name__}")
     records = _test_records(cfg, test_prompts)
-    out_dir = Path(out_dir)
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _pretrain(Path(out_dir), cfg, seed, records, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(
+    out_dir: Path, cfg: PretrainConfig, seed: int, records: list[dict[str, Any]], progress: bool
+) -> PretrainResult:
     t_start = time.perf_counter()
     _seed_everything(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -663,7 +681,8 @@ def pretrain(
 
     save_pipeline(pipe, out_dir)
     del pipe
-    reloaded = StableDiffusion3Pipeline.from_pretrained(out_dir, local_files_only=True)
+    with _quiet_progress():
+        reloaded = StableDiffusion3Pipeline.from_pretrained(out_dir, local_files_only=True)
     reloaded.set_progress_bar_config(disable=True)
 
     eval_kw = dict(

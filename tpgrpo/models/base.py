@@ -130,9 +130,15 @@ class ModelAdapter(Protocol):
         ...
 
     def velocity(
-        self, latents: Tensor, timestep: Tensor, embeds: PromptEmbeds, guidance_scale: float
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float,
+        transformer: torch.nn.Module | None = None,
     ) -> Tensor:
-        """Guided velocity [B, C, h, w] at latents [B, C, h, w] and timestep (scalar or [B])."""
+        """Guided velocity [B, C, h, w] at latents [B, C, h, w] and timestep (scalar or [B]);
+        ``transformer`` replaces the pipeline's denoiser for this call (a wrapper of it)."""
         ...
 
     def decode(self, latents: Tensor) -> Tensor:

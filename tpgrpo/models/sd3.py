@@ -112,13 +112,20 @@ class SD3Adapter:
         return Schedule(scheduler.timesteps, scheduler.sigmas)
 
     def velocity(
-        self, latents: Tensor, timestep: Tensor, embeds: PromptEmbeds, guidance_scale: float
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float,
+        transformer: torch.nn.Module | None = None,
     ) -> Tensor:
         """Guided velocity [B, C, h, w] in the transformer's dtype.
 
         With guidance on, unconditional and conditional rows go through ONE forward of 2B rows
         (negatives first, as the pipeline orders them) and are combined as
         ``v_u + g * (v_c - v_u)``. ``timestep``: scalar or [B] (rows may sit at different times).
+        ``transformer``: the module to call instead of the pipeline's own, e.g. its
+        data-parallel wrapper during the policy update (same weights, synchronised gradients).
         """
         do_cfg = cfg_enabled(guidance_scale)
         if do_cfg and not embeds.has_negative:
@@ -131,7 +138,7 @@ class SD3Adapter:
             timestep = torch.cat([timestep, timestep])
             context = torch.cat([embeds.negative_prompt_embeds, context])
             pooled = torch.cat([embeds.negative_pooled_prompt_embeds, pooled])
-        velocity = self.pipe.transformer(
+        velocity = (transformer or self.pipe.transformer)(
             hidden_states=hidden,
             timestep=timestep,
             encoder_hidden_states=context,

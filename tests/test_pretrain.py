@@ -1,0 +1,169 @@
+"""Pre-training of the tiny base model: a very short run end to end, plus the pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+
+from tpgrpo import world
+from tpgrpo.models import build_tiny_sd3
+from tpgrpo.pretrain import (
+    METRICS_FILE,
+    PretrainConfig,
+    PretrainResult,
+    _zero_init,
+    encode_text_table,
+    evaluate_reward,
+    pretrain,
+    sample_grid,
+    train_vae,
+)
+
+# A handful of steps on a tiny dataset: exercises every stage in a few seconds.
+TINY = PretrainConfig(
+    image_size=32,
+    num_train_images=128,
+    vae_steps=30,
+    vae_batch_size=16,
+    vae_test_images=16,
+    transformer_steps=40,
+    batch_size=16,
+    warmup_steps=5,
+    eval_prompts=8,
+    eval_batch_size=8,
+    eval_steps=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> PretrainResult:
+    return pretrain(tmp_path_factory.mktemp("pretrain") / "base", TINY, seed=0, progress=False)
+
+
+def test_saved_pipeline_loads_with_plain_from_pretrained(tiny_run):
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_run.path, local_files_only=True)
+    assert pipe.text_encoder_3 is not None
+    assert pipe.vae.config.sample_size == 32
+    # the measured latent statistics, not the placeholders of the untrained VAE
+    assert pipe.vae.config.scaling_factor == pytest.approx(tiny_run.scaling_factor)
+    assert pipe.vae.config.shift_factor == pytest.approx(tiny_run.shift_factor)
+    assert pipe.vae.config.scaling_factor != 1.0 and pipe.vae.config.shift_factor != 0.0
+
+
+def test_latent_convention_normalises_training_latents(tiny_run):
+    """Encoding with the saved VAE and ``(z - shift) * scaling`` gives zero-mean, unit-std latents,
+    the convention the pipeline's decode (``latents / scaling + shift``) inverts."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_run.path, local_files_only=True)
+    batch = world.sample_training_batch(64, 32, rng=123)
+    with torch.no_grad():
+        z = pipe.vae.encode(batch.images * 2 - 1).latent_dist.mode()
+    scaled = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    assert abs(float(scaled.mean())) < 0.3
+    assert float(scaled.std()) == pytest.approx(1.0, abs=0.3)
+
+
+def test_losses_decrease(tiny_run):
+    vae, tr = tiny_run.vae_losses, tiny_run.transformer_losses
+    assert len(vae) == TINY.vae_steps and len(tr) == TINY.transformer_steps
+    assert all(math.isfinite(x) for x in vae + tr)
+    assert sum(vae[-5:]) / 5 < sum(vae[:5]) / 5
+    assert sum(tr[-10:]) / 10 < sum(tr[:10]) / 10
+
+
+def test_result_metrics(tiny_run):
+    assert 0.0 <= tiny_run.reward_base <= 1.0 and 0.0 <= tiny_run.reward_untrained <= 1.0
+    assert set(tiny_run.reward_details) == {"color", "count", "shape", "position", "background"}
+    assert tiny_run.num_eval_prompts == TINY.eval_prompts
+    assert tiny_run.vae_test_mse > 0 and tiny_run.seconds_vae > 0 and tiny_run.seconds_transformer > 0
+    saved = json.loads((tiny_run.path / METRICS_FILE).read_text())
+    assert saved["config"]["transformer_steps"] == TINY.transformer_steps
+    assert saved["metrics"]["reward_base"] == pytest.approx(tiny_run.reward_base)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("vae_steps", 0),
+        ("transformer_steps", 0),
+        ("batch_size", -1),
+        ("num_train_images", 0),
+        ("lr", 0.0),
+        ("caption_dropout", 1.5),
+        ("ema_decay", 1.0),
+        ("eval_guidance_scale", 0.5),
+        ("vae_steps", 2.5),
+    ],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"PretrainConfig\.{field}"):
+        PretrainConfig(**{field: value})
+
+
+def test_bad_model_size_is_rejected():
+    with pytest.raises(ValueError, match="image_size"):
+        PretrainConfig(image_size=36)
+
+
+def test_empty_test_prompts_rejected(tmp_path):
+    with pytest.raises(ValueError, match="test_prompts"):
+        pretrain(tmp_path / "x", TINY, test_prompts=[], progress=False)
+
+
+def test_train_vae_is_deterministic():
+    cfg = PretrainConfig(vae_steps=3, vae_batch_size=4)
+    images = (world.sample_training_batch(8, 32, rng=0).images * 255).round().to(torch.uint8)
+    runs = []
+    for _ in range(2):
+        pipe = build_tiny_sd3(world.VOCABULARY, cfg.model_config(), seed=1)
+        runs.append(train_vae(pipe.vae, images, cfg, torch.Generator().manual_seed(5)))
+    assert runs[0] == runs[1]
+
+
+def test_zero_init_gives_zero_velocity():
+    cfg = PretrainConfig()
+    pipe = build_tiny_sd3(world.VOCABULARY, cfg.model_config(), seed=0)
+    _zero_init(pipe.transformer)
+    text = encode_text_table(pipe, ["a red circle", "two blue squares", "a red circle"])
+    assert text.embeds.shape[0] == 3  # two distinct prompts + the empty one
+    assert text.index.tolist() == [0, 1, 0]
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        v = pipe.transformer(
+            hidden_states=x,
+            timestep=torch.full((3,), 500.0),
+            encoder_hidden_states=text.embeds[text.index],
+            pooled_projections=text.pooled[text.index],
+            return_dict=False,
+        )[0]
+    assert torch.count_nonzero(v) == 0
+
+
+def test_sample_grid_writes_png_of_expected_size(tiny_pipe, tmp_path):
+    prompts = ["a red circle", "two blue squares", "a green triangle", "a yellow square", "one red circle"]
+    path = sample_grid(tiny_pipe, prompts, tmp_path / "grid.png", num_steps=2, guidance_scale=2.0, seed=0, columns=3)
+    image = Image.open(path)
+    assert image.format == "PNG"
+    # 32 px images upscaled 4x (to >= 128 px), 4 px padding, 3 caption lines of 12 px
+    assert image.size == (3 * (128 + 8), 2 * (128 + 36 + 8))
+
+
+def test_evaluate_reward_is_a_mean_in_unit_interval(tiny_pipe):
+    records = [{"prompt": "a red circle", "kind": "single", "objects": [{"color": "red", "shape": "circle", "count": 1}],
+                "relation": None, "background": None}]  # fmt: skip
+    out = evaluate_reward(tiny_pipe, records * 2, num_steps=2, guidance_scale=2.0)
+    assert 0.0 <= out.mean <= 1.0 and out.scores.shape == (2,)
+
+
+@pytest.mark.slow
+def test_same_seed_reproduces_the_model(tiny_run, tmp_path):
+    again = pretrain(tmp_path / "again", TINY, seed=0, progress=False)
+    assert again.transformer_losses == tiny_run.transformer_losses
+    assert again.scaling_factor == tiny_run.scaling_factor
+    a = StableDiffusion3Pipeline.from_pretrained(tiny_run.path, local_files_only=True).transformer.state_dict()
+    b = StableDiffusion3Pipeline.from_pretrained(again.path, local_files_only=True).transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,140 @@
+"""The trainer end to end on a tiny SD3 pipeline: updates, MLflow, exact resume, bad rewards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpgrpo.config import config_from_dict
+from tpgrpo.errors import ConfigError, ModelLoadError, UserError
+from tpgrpo.rewards import RewardOutput, register_reward
+from tpgrpo.tracking import MLflowTracker
+from tpgrpo.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_pipe):
+    from tpgrpo.models import save_pipeline
+    from tpgrpo.world import write_prompt_sets
+
+    root = tmp_path_factory.mktemp("trainer")
+    save_pipeline(tiny_pipe, root / "base")
+    write_prompt_sets(root / "prompts", n_train=32, n_test=4, seed=0)
+    return root
+
+
+def _cfg(root: Path, runs: str, **overrides):
+    raw = {
+        "seed": 3,
+        "runs_dir": str(root / runs),
+        "model": {"path": str(root / "base"), "resolution": 32},
+        "data": {"dir": str(root / "prompts")},
+        "sample": {
+            "num_steps": 4, "window_start": 0, "window_size": 3, "guidance_scale": 2.0,
+            "batch_size": 4, "group_size": 2, "batches_per_epoch": 2,
+        },
+        "train": {"epochs": 2, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2, "kl_beta": 0.1},
+        "eval": {"every": 1, "num_steps": 4, "batch_size": 4},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+    }
+    return config_from_dict(raw, overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return trainer.trainable_state()
+
+
+def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
+    import mlflow
+
+    cfg = _cfg(workspace, "runs-log")
+    tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_name="tp_grpo")
+    trainer = Trainer(cfg, variant="tp_grpo", tracker=tracker)
+    before = _lora(trainer)
+    result = trainer.fit()
+    tracker.finish()
+    after = _lora(trainer)
+    assert result.epochs == 2
+    assert any(not torch.equal(before[n], after[n]) for n in before), "LoRA weights did not change"
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.data.params["credit.mode"] == "turning_point"
+    assert run.data.params["variant"] == "tp_grpo"
+    for key in ("reward/mean", "eval/reward", "loss/policy", "approx_kl", "clip_fraction",
+                "turning/rate_step_1", "turning/positive_share", "advantage/std", "time/update_s"):
+        assert key in run.data.metrics, key
+    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(tracker.run_id, "eval/reward")
+    assert [m.step for m in history] == [0, 1, 2]
+    out = workspace / "runs-log" / "tp_grpo"
+    assert (out / "metrics.json").is_file() and (out / "history.csv").read_text().count("\n") == 3
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "samples" / "epoch_0002.png").is_file()
+
+
+def test_resume_is_bitwise_exact(workspace: Path) -> None:
+    straight = Trainer(_cfg(workspace, "runs-straight"), variant="v")
+    straight.fit()
+    first = Trainer(_cfg(workspace, "runs-resumed", **{"train.epochs": 1}), variant="v")
+    first.fit()
+    del first  # the "killed" process
+    resumed = Trainer(_cfg(workspace, "runs-resumed"), variant="v")
+    assert resumed.epoch == 1
+    resumed.fit()
+    a, b = _lora(straight), _lora(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    ema_a, ema_b = straight.trainable_state(ema=True), resumed.trainable_state(ema=True)
+    assert all(torch.equal(ema_a[n], ema_b[n]) for n in ema_a)
+    assert len(resumed.history) == 2
+
+
+def test_outcome_mode_skips_completions(workspace: Path) -> None:
+    trainer = Trainer(_cfg(workspace, "runs-outcome", **{"credit.mode": "outcome"}), variant="flow_grpo")
+    samples = trainer.rollout(0)
+    assert all(b.rollout.completion_images is None for b in samples.batches)
+    scores = trainer.score(samples)
+    assert all(torch.equal(R, R[:, -1:].expand_as(R)) for R in scores.R)
+
+
+def _register(name: str, fn) -> None:
+    register_reward(name, lambda: fn, overwrite=True)
+
+
+def test_nonfinite_rewards_and_zero_variance_groups_are_counted(workspace: Path) -> None:
+    def half_nan(images, prompts, metadata):
+        scores = images.mean(dim=(1, 2, 3))
+        scores[::2] = float("nan")
+        return RewardOutput(scores=scores)
+
+    _register("half_nan", half_nan)
+    trainer = Trainer(_cfg(workspace, "runs-nan", **{"reward.name": "half_nan", "train.epochs": 1}), variant="v")
+    samples = trainer.rollout(0)
+    scores = trainer.score(samples)
+    assert scores.metrics["skipped/nonfinite"] > 0
+    credit = trainer.credit(samples, scores)
+    for keep, valid in zip(credit.keep, scores.valid):
+        assert not keep[~valid].any()
+    trainer.update(samples, credit)
+    assert all(torch.isfinite(p).all() for p in trainer.trainable.values())
+
+    _register("constant", lambda images, prompts, metadata: RewardOutput(scores=torch.ones(len(prompts))))
+    trainer = Trainer(_cfg(workspace, "runs-const", **{"reward.name": "constant", "train.epochs": 1}), variant="v")
+    before = _lora(trainer)
+    samples = trainer.rollout(0)
+    credit = trainer.credit(samples, trainer.score(samples))
+    assert credit.metrics["skipped/trajectories"] == 8
+    assert credit.metrics["skipped/zero_variance_groups"] == 4
+    trainer.update(samples, credit)
+    after = _lora(trainer)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # no signal, no step
+
+
+def test_bad_input_is_one_line(workspace: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such pipeline directory"):
+        Trainer(_cfg(workspace, "runs-bad", **{"model.path": str(tmp_path / "nope")}), variant="v")
+    with pytest.raises(ConfigError, match="distinct prompts"):
+        Trainer(_cfg(workspace, "runs-bad", **{"sample.batches_per_epoch": 40}), variant="v")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="not writable"):
+        Trainer(_cfg(workspace, "runs-bad", runs_dir=str(blocker)), variant="v")

@@ -1,0 +1,97 @@
+"""Prompt sets and the GRPO group sampler.
+
+Each epoch draws ``batches_per_epoch`` global batches of ``batch_size`` rows. Every prompt drawn
+in an epoch is distinct and appears exactly ``group_size`` times (its group), and the rows of a
+global batch are shuffled before they are split over processes, so a group usually straddles
+processes; advantages are therefore computed on the gathered batch. The draw depends only on
+``(seed, epoch)``: every process computes the same plan without communicating, and a resumed
+run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpgrpo.errors import ConfigError
+from tpgrpo.world import load_prompts
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts with the metadata their reward needs (``metadata[i]`` belongs to ``prompts[i]``)."""
+
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index: list[int]) -> "PromptSet":
+        return PromptSet([self.prompts[i] for i in index], [self.metadata[i] for i in index])
+
+
+def load_prompt_set(path: str | Path) -> PromptSet:
+    """Read a jsonl prompt set (one JSON object per line with a ``prompt``)."""
+    records = load_prompts(path)
+    return PromptSet([r["prompt"] for r in records], records)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Sizes of the sampling plan, validated against the dataset and the process count."""
+
+    batch_size: int
+    group_size: int
+    batches_per_epoch: int
+    num_processes: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.group_size:
+            raise ConfigError(
+                f"sample.batch_size: expected a multiple of sample.group_size ({self.group_size}), got {self.batch_size}"
+            )
+        if self.batch_size % self.num_processes:
+            raise ConfigError(
+                f"sample.batch_size: expected a multiple of the number of processes ({self.num_processes}), "
+                f"got {self.batch_size}"
+            )
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.num_processes
+
+    @property
+    def prompts_per_epoch(self) -> int:
+        return self.batch_size // self.group_size * self.batches_per_epoch
+
+
+def epoch_batches(plan: GroupPlan, num_prompts: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The global batches of one epoch.
+
+    Args:
+        plan: sampling sizes.
+        num_prompts: size of the prompt set.
+        seed: experiment seed.
+        epoch: epoch index (0-based).
+
+    Returns:
+        ``batches_per_epoch`` long tensors of shape [batch_size], prompt indices.
+    """
+    if plan.prompts_per_epoch > num_prompts:
+        raise ConfigError(
+            f"sample: an epoch needs {plan.prompts_per_epoch} distinct prompts "
+            f"(batch_size / group_size * batches_per_epoch) but the prompt set has {num_prompts}"
+        )
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    chosen = torch.randperm(num_prompts, generator=g)[: plan.prompts_per_epoch]
+    per_batch = plan.batch_size // plan.group_size
+    batches = []
+    for b in range(plan.batches_per_epoch):
+        rows = chosen[b * per_batch : (b + 1) * per_batch].repeat_interleave(plan.group_size)
+        batches.append(rows[torch.randperm(plan.batch_size, generator=g)])
+    return batches
+

@@ -1,0 +1,675 @@
+"""One readable TP-GRPO / Flow-GRPO epoch: rollout -> score -> credit -> update -> evaluate.
+
+The :class:`Trainer` takes a validated :class:`~tpgrpo.config.ExperimentConfig` and a tracker; it
+never parses YAML or command lines and never imports Prefect. Each step of an epoch is a method
+with plain inputs and outputs, so an orchestrator can run them as separate tasks;
+:meth:`Trainer.fit` runs them in a loop.
+
+Data parallelism (``accelerate launch``): every process samples its slice of each global batch;
+reward sequences and prompts are gathered so credit, balancing and group normalisation see whole
+groups; each process then updates on its own rows and DDP averages the gradients. Only the main
+process writes files and talks to the tracker.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from tpgrpo.advantages import group_advantages, local_rows
+from tpgrpo.checkpoint import (
+    begin_checkpoint,
+    capture_rng_state,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    write_main_state,
+    write_rank_state,
+)
+from tpgrpo.config import ExperimentConfig
+from tpgrpo.credit import assign_credit
+from tpgrpo.data import GroupPlan, PromptSet, epoch_batches, load_prompt_set
+from tpgrpo.errors import UserError
+from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
+from tpgrpo.loss import grpo_loss
+from tpgrpo.models import load_adapter
+from tpgrpo.rewards import build_reward
+from tpgrpo.rollout import Rollout, RolloutConfig, rollout
+from tpgrpo.scoring import reward_sequence
+from tpgrpo.sde import sde_step
+from tpgrpo.tracking import NullTracker, Tracker
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BatchSamples:
+    """One rollout batch of this process, with its reward computation under way.
+
+    ``rewards`` resolves to R [B_local, W+1]: the reward sequence with completions, otherwise the
+    final reward repeated (Flow-GRPO sees only the outcome).
+    """
+
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+    rollout: Rollout
+    rewards: Future
+    details: Future
+
+
+@dataclass
+class EpochSamples:
+    epoch: int
+    batches: list[BatchSamples]
+    seconds: float
+
+
+@dataclass
+class EpochScores:
+    """R [B_local, W+1] per batch, and which rows have finite rewards."""
+
+    R: list[Tensor]
+    valid: list[Tensor]
+    metrics: dict[str, float]
+
+
+@dataclass
+class EpochCredit:
+    """Advantages [B_local, W] and kept rows [B_local] per batch; ``active[b]`` says whether any
+    process kept a row of batch b (the same on every process)."""
+
+    advantages: list[Tensor]
+    keep: list[Tensor]
+    active: list[bool]
+    metrics: dict[str, float]
+
+
+@dataclass
+class UpdateStats:
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs: int
+    eval_reward_initial: float | None
+    eval_reward_final: float
+    eval_details: dict[str, float]
+    minutes: float
+    history: list[dict[str, float]] = field(repr=False)
+
+
+class Trainer:
+    """GRPO fine-tuning of one variant.
+
+    Args:
+        cfg: the experiment (a variant's overrides already applied).
+        variant: name of the variant; the run is written to ``<runs_dir>/<variant>``.
+        tracker: where metrics go (main process only; others get a ``NullTracker``).
+        accelerator: an ``accelerate.Accelerator``; one is created when None.
+        resume: continue from the newest checkpoint of the run directory when there is one.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        variant: str,
+        tracker: Tracker | None = None,
+        accelerator: Accelerator | None = None,
+        resume: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.variant = variant
+        self.acc = accelerator or Accelerator()
+        self.is_main = self.acc.is_main_process
+        self.tracker: Tracker = tracker if (tracker is not None and self.is_main) else NullTracker()
+        self.run_dir = Path(cfg.runs_dir) / variant
+        self.plan = GroupPlan(
+            batch_size=cfg.sample.batch_size,
+            group_size=cfg.sample.group_size,
+            batches_per_epoch=cfg.sample.batches_per_epoch,
+            num_processes=self.acc.num_processes,
+        )
+        self._check_run_dir()
+        self.train_set: PromptSet = load_prompt_set(Path(cfg.data.dir) / "train.jsonl")
+        self.test_set: PromptSet = load_prompt_set(Path(cfg.data.dir) / "test.jsonl")
+        epoch_batches(self.plan, len(self.train_set), seed=cfg.seed, epoch=0)  # fails early if too few prompts
+        self.reward_fn = build_reward(cfg.reward.name, **cfg.reward.options)
+
+        torch.manual_seed(cfg.seed)  # the LoRA initialisation, identical on every process
+        self.adapter = load_adapter(cfg.model.path, dtype=_DTYPES[cfg.model.dtype], device=self.acc.device)
+        pipe = self.adapter.pipe
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+        self.transformer = pipe.transformer
+        self.reference: torch.nn.Module | None = None
+        if cfg.train.lora_rank is None:
+            self.transformer.requires_grad_(True)
+            if cfg.train.kl_beta > 0:
+                self.reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        else:
+            from peft import LoraConfig
+
+            self.transformer.add_adapter(
+                LoraConfig(
+                    r=cfg.train.lora_rank,
+                    lora_alpha=cfg.train.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.train.lora_targets),
+                )
+            )
+        self.trainable = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise UserError(f"train.lora_targets: no module of the transformer matches {cfg.train.lora_targets}")
+        optimizer = torch.optim.AdamW(
+            list(self.trainable.values()),
+            lr=cfg.train.learning_rate,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            weight_decay=cfg.train.weight_decay,
+        )
+        self.ddp_transformer, self.optimizer = self.acc.prepare(self.transformer, optimizer)
+        self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.train.ema_decay else None
+
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.eval_initial: float | None = None
+        self.minutes_before = 0.0
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ the epoch, step by step
+
+    def rollout_config(self) -> RolloutConfig:
+        s = self.cfg.sample
+        return RolloutConfig(
+            num_steps=s.num_steps,
+            window_start=s.window_start,
+            window_size=s.window_size,
+            noise_level=s.noise_level,
+            sampler=s.sampler,
+            log_prob=s.log_prob,
+            guidance_scale=s.guidance_scale,
+            completions=self.cfg.credit.mode != "outcome",
+            micro_batch_size=s.micro_batch_size,
+            height=self.cfg.model.resolution,
+            width=self.cfg.model.resolution,
+            progress=self.is_main,
+        )
+
+    def rollout(self, epoch: int) -> EpochSamples:
+        """Sample this process's rows of every batch of ``epoch``; scoring starts in the background
+        as soon as a batch is sampled, overlapping the next batch's sampling."""
+        start = time.perf_counter()
+        rcfg = self.rollout_config()
+        rows = local_rows(self.plan.batch_size, self.acc.process_index, self.acc.num_processes)
+        batches = []
+        self.transformer.eval()
+        for b, indices in enumerate(epoch_batches(self.plan, len(self.train_set), seed=self.cfg.seed, epoch=epoch)):
+            chosen = self.train_set.take(indices[rows].tolist())
+            # Noise depends on (seed, epoch, batch, process) only: a resumed run draws the same.
+            key = np.random.SeedSequence([self.cfg.seed, epoch, b, self.acc.process_index])
+            generator = torch.Generator(self.acc.device).manual_seed(int(key.generate_state(1)[0]))
+            ro = rollout(self.adapter, chosen.prompts, rcfg, generator=generator)
+            job = self.executor.submit(self._score, ro, chosen.prompts, chosen.metadata)
+            rewards: Future = Future()
+            details: Future = Future()
+            job.add_done_callback(lambda j, r=rewards, d=details: _split_result(j, r, d))
+            batches.append(BatchSamples(chosen.prompts, chosen.metadata, ro, rewards, details))
+        return EpochSamples(epoch, batches, time.perf_counter() - start)
+
+    def _score(self, ro: Rollout, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+        if ro.completion_images is not None:
+            seq = reward_sequence(ro, prompts, metadata, self.reward_fn)
+            return seq.R, {k: v[:, -1] for k, v in seq.details.items()}
+        out = self.reward_fn(ro.images, prompts, metadata)
+        R = out.scores.to(torch.float32)[:, None].expand(-1, ro.log_probs.shape[1] + 1)
+        return R.contiguous(), out.details
+
+    def score(self, samples: EpochSamples) -> EpochScores:
+        """Wait for the rewards; rows with a non-finite reward anywhere are marked invalid."""
+        R, valid, finals, invalid, detail_sums = [], [], [], 0, {}
+        for batch in samples.batches:
+            r = batch.rewards.result().to(self.acc.device)
+            ok = torch.isfinite(r).all(dim=1)
+            R.append(torch.where(ok[:, None], r, torch.zeros_like(r)))
+            valid.append(ok)
+            finals.append(self.acc.gather(r[:, -1]))
+            invalid += int(self.acc.gather((~ok).to(torch.uint8)).sum())
+            for name, value in batch.details.result().items():
+                detail_sums.setdefault(name, []).append(self.acc.gather(value.to(self.acc.device, torch.float32)))
+        final = torch.cat(finals)
+        finite = final[torch.isfinite(final)]
+        metrics = {
+            "reward/mean": _mean(finite),
+            "reward/std": float(finite.std(unbiased=False)) if finite.numel() else math.nan,
+            "skipped/nonfinite": float(invalid),
+        }
+        for name, values in detail_sums.items():
+            v = torch.cat(values)
+            metrics[f"reward/{name}"] = _mean(v[torch.isfinite(v)])
+        return EpochScores(R, valid, metrics)
+
+    def credit(self, samples: EpochSamples, scores: EpochScores) -> EpochCredit:
+        """Credit and advantages on the gathered batches; each process keeps its own rows."""
+        ccfg = self.cfg.credit.to_credit_config()
+        rows = local_rows(self.plan.batch_size, self.acc.process_index, self.acc.num_processes)
+        advantages, keep, active = [], [], []
+        W = self.cfg.sample.window_size
+        turning = torch.zeros(W)
+        detected = torch.zeros(W)
+        n_valid = n_pos = n_neg = skipped = zero_groups = 0
+        adv_values = []
+        for batch, R, ok in zip(samples.batches, scores.R, scores.valid):
+            R_all = self.acc.gather(R).cpu()
+            ok_all = self.acc.gather(ok.to(torch.uint8)).cpu().bool()  # gloo cannot reduce bools
+            prompts_all = _gather_strings(self.acc, batch.prompts)
+            idx = ok_all.nonzero().flatten()
+            adv_all = torch.zeros(R_all.shape[0], W)
+            keep_all = torch.zeros(R_all.shape[0], dtype=torch.bool)
+            if idx.numel():
+                cr = assign_credit(R_all[idx].double(), ccfg)
+                adv = group_advantages(
+                    cr.rewards,
+                    [prompts_all[i] for i in idx.tolist()],
+                    global_std=self.cfg.advantage.global_std,
+                    clip_max=self.cfg.advantage.clip_max,
+                )
+                adv_all[idx] = adv.advantages.float()
+                keep_all[idx] = adv.keep
+                turning += cr.turning.sum(0)
+                detected += cr.detected.sum(0)
+                agg = cr.aggregated[cr.turning]
+                n_pos += int((agg > 0).sum())
+                n_neg += int((agg < 0).sum())
+                n_valid += idx.numel()
+                skipped += int((~adv.keep).sum())
+                groups = adv.group_ids
+                zero_groups += int(
+                    sum(1 for g in groups.unique() if not adv.keep[groups == g].any())
+                )
+                adv_values.append(adv.advantages[adv.keep].flatten())
+            advantages.append(adv_all[rows].to(self.acc.device))
+            keep.append(keep_all[rows].to(self.acc.device))
+            active.append(bool(keep_all.any()))
+        metrics: dict[str, float] = {
+            "skipped/trajectories": float(skipped),
+            "skipped/zero_variance_groups": float(zero_groups),
+        }
+        denom = max(n_valid, 1)
+        for k in range(W):
+            metrics[f"turning/rate_step_{k + 1}"] = float(turning[k]) / denom
+        metrics["turning/rate"] = float(turning.sum()) / (denom * W)
+        metrics["turning/detected_rate"] = float(detected.sum()) / (denom * W)
+        n_tp = max(n_pos + n_neg, 1)
+        metrics["turning/positive_share"] = n_pos / n_tp
+        metrics["turning/negative_share"] = n_neg / n_tp
+        values = torch.cat(adv_values) if adv_values else torch.zeros(0)
+        metrics["advantage/mean"] = _mean(values)
+        metrics["advantage/abs_mean"] = _mean(values.abs())
+        metrics["advantage/std"] = float(values.std(unbiased=False)) if values.numel() else math.nan
+        return EpochCredit(advantages, keep, active, metrics)
+
+    def update(self, samples: EpochSamples, credit: EpochCredit) -> UpdateStats:
+        """Clipped-surrogate updates on the stored transitions; one optimizer step per batch, with
+        gradients accumulated over the W steps of the window."""
+        start = time.perf_counter()
+        s, t = self.cfg.sample, self.cfg.train
+        W = s.window_size
+        sums: dict[str, float] = {}
+        n_terms = 0
+        self.ddp_transformer.train()
+        for _ in range(t.inner_epochs):
+            for batch, adv, keep, active in zip(samples.batches, credit.advantages, credit.keep, credit.active):
+                if not active:
+                    continue  # no signal anywhere: no step, so weight decay does not act alone
+                ro = batch.rollout
+                rows = keep.nonzero().flatten()
+                weight = 1.0
+                if rows.numel() == 0:
+                    # Nothing to learn here, but every process must run the same backward passes
+                    # (DDP all-reduces inside them): one row with zero weight.
+                    rows, weight = torch.zeros(1, dtype=torch.long, device=keep.device), 0.0
+                embeds = ro.embeds.select(rows)
+                for k in range(W):
+                    sync = nullcontext() if k == W - 1 else self.acc.no_sync(self.ddp_transformer)
+                    with sync:
+                        out = self._step_loss(ro, rows, k, embeds, adv[rows, k])
+                        self.acc.backward(out.loss * (weight / W))
+                    for name, value in (
+                        ("loss/total", out.loss.detach()),
+                        ("loss/policy", out.policy_loss),
+                        ("loss/kl", out.kl_loss),
+                        ("approx_kl", out.approx_kl),
+                        ("clip_fraction", out.clip_fraction),
+                        ("ratio_mean", out.ratio_mean),
+                    ):
+                        sums[name] = sums.get(name, 0.0) + float(value)
+                    n_terms += 1
+                grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), t.max_grad_norm)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * W
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._update_ema()
+        metrics = {name: value / max(n_terms, 1) for name, value in sums.items()}
+        metrics["time/update_s"] = time.perf_counter() - start
+        return UpdateStats(metrics)
+
+    def _step_loss(self, ro: Rollout, rows: Tensor, k: int, embeds, advantages: Tensor):
+        s, t = self.cfg.sample, self.cfg.train
+        z, z_next = ro.latents[rows, k], ro.latents[rows, k + 1]
+        step_index = int(ro.step_indices[k])
+        common = dict(noise_level=s.noise_level, sampler=s.sampler, log_prob_form=s.log_prob, prev_sample=z_next)
+        v = self.adapter.velocity(z, ro.timesteps[k], embeds, s.guidance_scale, transformer=self.ddp_transformer)
+        step = sde_step(v, z, ro.sigmas, step_index, **common)
+        ref_mean = None
+        if t.kl_beta > 0:
+            with torch.no_grad(), self._reference() as reference:
+                v_ref = self.adapter.velocity(z, ro.timesteps[k], embeds, s.guidance_scale, transformer=reference)
+                ref_mean = sde_step(v_ref, z, ro.sigmas, step_index, **common).mean
+        return grpo_loss(
+            step.log_prob,
+            ro.log_probs[rows, k],
+            advantages,
+            clip_range=t.clip_range,
+            beta=t.kl_beta,
+            mean=step.mean,
+            ref_mean=ref_mean,
+            std=step.std,
+        )
+
+    @contextmanager
+    def _reference(self) -> Iterator[torch.nn.Module]:
+        """The base model: LoRA switched off, or the frozen copy under full fine-tuning."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield self.transformer
+        finally:
+            self.transformer.enable_adapters()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.train.ema_decay
+        for name, p in self.trainable.items():
+            self.ema[name].lerp_(p.detach(), 1.0 - decay)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Swap the EMA weights in (evaluation), and restore the trained ones bit for bit."""
+        if self.ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self.trainable.items()}
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(saved[n])
+
+    def evaluate(self, epoch: int) -> EvalResult:
+        """ODE samples of the test prompts with the EMA weights; mean reward and per-constraint."""
+        e = self.cfg.eval
+        test = self.test_set if e.num_prompts is None else self.test_set.take(list(range(min(e.num_prompts, len(self.test_set)))))
+        self.transformer.eval()
+        with self.ema_weights():
+            result = evaluate_prompts(
+                self.adapter,
+                test,
+                self.reward_fn,
+                num_steps=e.num_steps,
+                guidance_scale=e.guidance_scale,
+                batch_size=e.batch_size,
+                seed=self.cfg.seed,
+                resolution=self.cfg.model.resolution,
+                accelerator=self.acc,
+            )
+        if self.is_main:
+            grid = save_grid(result, self.run_dir / "samples" / f"epoch_{epoch:04d}.png")
+            self.tracker.log_artifact(grid, "samples")
+        return result
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        """Train until ``train.epochs`` (or the time budget), evaluating every ``eval.every`` epochs."""
+        t, e = self.cfg.train, self.cfg.eval
+        started = time.perf_counter()
+        self.tracker.log_params({**self.cfg.flat(), "variant": self.variant})
+        if self.epoch == 0 and self.eval_initial is None:
+            self.eval_initial = self.evaluate(0).reward
+            self.tracker.log_metrics({"eval/reward": self.eval_initial}, step=0)
+        last_eval: EvalResult | None = None
+        while self.epoch < t.epochs:
+            epoch = self.epoch
+            samples = self.rollout(epoch)
+            scores = self.score(samples)
+            credit = self.credit(samples, scores)
+            update = self.update(samples, credit)
+            self.epoch = epoch + 1
+            row = {"epoch": float(self.epoch), "time/rollout_s": samples.seconds}
+            row |= scores.metrics | credit.metrics | update.metrics
+            minutes = self.minutes_before + (time.perf_counter() - started) / 60
+            out_of_time = t.time_budget_minutes is not None and minutes >= t.time_budget_minutes
+            if self.epoch % e.every == 0 or self.epoch == t.epochs or out_of_time:
+                last_eval = self.evaluate(self.epoch)
+                row["eval/reward"] = last_eval.reward
+                row |= {f"eval/{k}": v for k, v in last_eval.details.items()}
+            row["time/minutes"] = minutes
+            self.history.append(row)
+            self.tracker.log_metrics(row, step=self.epoch)
+            if self.epoch % t.checkpoint_every == 0 or self.epoch == t.epochs or out_of_time:
+                self.save_checkpoint(minutes)
+            if out_of_time:
+                break
+        if last_eval is None:
+            last_eval = self.evaluate(self.epoch)
+        minutes = self.minutes_before + (time.perf_counter() - started) / 60
+        result = TrainResult(
+            run_dir=self.run_dir,
+            epochs=self.epoch,
+            eval_reward_initial=self.eval_initial,
+            eval_reward_final=last_eval.reward,
+            eval_details=last_eval.details,
+            minutes=minutes,
+            history=self.history,
+        )
+        if self.is_main:
+            self._write_outputs(result)
+        self.acc.wait_for_everyone()
+        self.executor.shutdown()
+        return result
+
+    # ------------------------------------------------------------------ files
+
+    def _check_run_dir(self) -> None:
+        if not self.is_main:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"{self.run_dir}: run directory is not writable ({exc.strerror})") from None
+
+    def trainable_state(self, ema: bool = False) -> dict[str, Tensor]:
+        source = self.ema if (ema and self.ema is not None) else {n: p.detach() for n, p in self.trainable.items()}
+        return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in source.items()}
+
+    def save_checkpoint(self, minutes: float) -> None:
+        directory = self.run_dir / "checkpoints"
+        tmp = begin_checkpoint(directory, self.epoch) if self.is_main else None
+        self.acc.wait_for_everyone()
+        tmp = Path(_broadcast_string(self.acc, str(tmp) if tmp else ""))
+        write_rank_state(tmp, self.acc.process_index, capture_rng_state())
+        if self.is_main:
+            write_main_state(
+                tmp,
+                epoch=self.epoch,
+                weights=self.trainable_state(),
+                ema=self.trainable_state(ema=True) if self.ema is not None else None,
+                optimizer_state_dict=self._inner_optimizer().state_dict(),
+                meta={
+                    "epoch": self.epoch,
+                    "variant": self.variant,
+                    "num_processes": self.acc.num_processes,
+                    "minutes": minutes,
+                    "eval_initial": self.eval_initial,
+                    "run_id": getattr(self.tracker, "run_id", None),
+                    "history": self.history,
+                },
+            )
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            commit_checkpoint(tmp, world_size=self.acc.num_processes)
+            _atomic_write(self.run_dir / "history.csv", _history_csv(self.history))
+        self.acc.wait_for_everyone()
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        # accelerate wraps the optimizer; its state dict is the wrapped one's.
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return
+        ckpt = load_checkpoint(path, rank=self.acc.process_index, world_size=self.acc.num_processes)
+        missing = set(self.trainable) - set(ckpt.weights)
+        if missing:
+            raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); different train.lora_* settings?")
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(ckpt.weights[n])
+            if self.ema is not None and ckpt.ema is not None:
+                for n in self.ema:
+                    self.ema[n].copy_(ckpt.ema[n])
+        if ckpt.optimizer is not None:
+            self._inner_optimizer().load_state_dict(ckpt.optimizer)
+        if ckpt.rng is not None:
+            restore_rng_state(ckpt.rng)
+        self.epoch = ckpt.epoch
+        self.history = list(ckpt.meta.get("history", []))
+        self.eval_initial = ckpt.meta.get("eval_initial")
+        self.minutes_before = float(ckpt.meta.get("minutes", 0.0))
+
+    def _write_outputs(self, result: TrainResult) -> None:
+        _atomic_write(self.run_dir / "history.csv", _history_csv(result.history))
+        metrics = {
+            "eval_reward": result.eval_reward_final,
+            "eval_reward_initial": result.eval_reward_initial,
+            "epochs": result.epochs,
+            "minutes": round(result.minutes, 3),
+            **{f"eval_{k}": v for k, v in result.eval_details.items()},
+        }
+        _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        final = self.save_final_weights(self.run_dir / "final")
+        self.tracker.log_artifact(final, None)
+        self.tracker.log_artifact(self.run_dir / "metrics.json")
+
+    def save_final_weights(self, path: Path) -> Path:
+        """The EMA weights in the format diffusers loads: LoRA layers for ``pipe.load_lora_weights``,
+        or a whole ``transformer/`` under full fine-tuning. Written to a temp dir, then renamed."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with self.ema_weights():
+            if self.cfg.train.lora_rank is None:
+                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            else:
+                from peft.utils import get_peft_model_state_dict
+
+                type(self.adapter.pipe).save_lora_weights(
+                    tmp, transformer_lora_layers=get_peft_model_state_dict(self.transformer)
+                )
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
+
+
+def previous_run_id(run_dir: str | Path) -> str | None:
+    """The tracker run of the newest checkpoint in ``run_dir`` (to continue it on resume)."""
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if path is None:
+        return None
+    return load_checkpoint(path, rng=False, verify=False).meta.get("run_id")
+
+
+def _split_result(job: Future, rewards: Future, details: Future) -> None:
+    exc = job.exception()
+    if exc is not None:
+        rewards.set_exception(exc)
+        details.set_exception(exc)
+    else:
+        R, d = job.result()
+        rewards.set_result(R)
+        details.set_result(d)
+
+
+def _mean(values: Tensor) -> float:
+    return float(values.mean()) if values.numel() else math.nan
+
+
+def _gather_strings(acc: Accelerator, items: list[str]) -> list[str]:
+    if acc.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(items)))
+
+
+def _broadcast_string(acc: Accelerator, value: str) -> str:
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _history_csv(history: list[dict[str, float]]) -> str:
+    columns: list[str] = []
+    for row in history:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
