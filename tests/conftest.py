@@ -24,3 +24,23 @@ def tiny_pipe():
     from tpgrpo.world import VOCABULARY
 
     return build_tiny_sd3(VOCABULARY, TinySD3Config(image_size=32), seed=0)
+
+
+def brightness_reward():
+    """A dense test reward (mean intensity, a detail per channel): a random tiny model scores ~0
+    on the verifiable reward, which would leave every group with zero variance."""
+    from tpgrpo.rewards import RewardOutput
+
+    def score(images, prompts, metadata):
+        return RewardOutput(
+            scores=images.mean(dim=(1, 2, 3)),
+            details={"red": images[:, 0].mean(dim=(1, 2)), "blue": images[:, 2].mean(dim=(1, 2))},
+        )
+
+    return score
+
+
+def pytest_configure(config):
+    from tpgrpo.rewards import register_reward
+
+    register_reward("brightness", brightness_reward, overwrite=True)

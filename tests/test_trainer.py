@@ -37,6 +37,7 @@ def _cfg(root: Path, runs: str, **overrides):
         },
         "train": {"epochs": 2, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2, "kl_beta": 0.1},
         "eval": {"every": 1, "num_steps": 4, "batch_size": 4},
+        "reward": {"name": "brightness"},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
     }
     return config_from_dict(raw, overrides=[f"{k}={v}" for k, v in overrides.items()])
@@ -72,6 +73,7 @@ def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
     assert (out / "samples" / "epoch_0002.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(workspace: Path) -> None:
     straight = Trainer(_cfg(workspace, "runs-straight"), variant="v")
     straight.fit()
