@@ -110,7 +110,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if (final / "transformer").is_dir():
             pipe.transformer = type(pipe.transformer).from_pretrained(final / "transformer")
         else:
-            pipe.load_lora_weights(final)
+            # The transformer's own loader: the run has no text-encoder LoRA to look for.
+            pipe.transformer.load_lora_adapter(
+                final, weight_name="pytorch_lora_weights.safetensors", prefix="transformer"
+            )
     test = load_prompt_set(Path(cfg.data.dir) / "test.jsonl")
     if cfg.eval.num_prompts is not None:
         test = test.take(list(range(min(cfg.eval.num_prompts, len(test)))))
