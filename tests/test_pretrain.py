@@ -11,6 +11,8 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 from tpgrpo import world
+from tpgrpo.config import config_from_dict
+from tpgrpo.errors import ConfigError
 from tpgrpo.models import build_tiny_sd3
 from tpgrpo.pretrain import (
     METRICS_FILE,
@@ -18,9 +20,8 @@ from tpgrpo.pretrain import (
     PretrainResult,
     _zero_init,
     encode_text_table,
-    evaluate_reward,
     pretrain,
-    sample_grid,
+    tiny_config,
     train_vae,
 )
 
@@ -100,13 +101,13 @@ def test_result_metrics(tiny_run):
     ],
 )
 def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"PretrainConfig\.{field}"):
-        PretrainConfig(**{field: value})
+    with pytest.raises(ConfigError, match=rf"^params: pretrain\.{field}: "):
+        config_from_dict({"pretrain": {field: value}})
 
 
 def test_bad_model_size_is_rejected():
-    with pytest.raises(ValueError, match="image_size"):
-        PretrainConfig(image_size=36)
+    with pytest.raises(ConfigError, match="pretrain.image_size: input should be a multiple of 16"):
+        config_from_dict({"pretrain": {"image_size": 36}})
 
 
 def test_empty_test_prompts_rejected(tmp_path):
@@ -119,14 +120,14 @@ def test_train_vae_is_deterministic():
     images = (world.sample_training_batch(8, 32, rng=0).images * 255).round().to(torch.uint8)
     runs = []
     for _ in range(2):
-        pipe = build_tiny_sd3(world.VOCABULARY, cfg.model_config(), seed=1)
+        pipe = build_tiny_sd3(world.VOCABULARY, tiny_config(cfg), seed=1)
         runs.append(train_vae(pipe.vae, images, cfg, torch.Generator().manual_seed(5)))
     assert runs[0] == runs[1]
 
 
 def test_zero_init_gives_zero_velocity():
     cfg = PretrainConfig()
-    pipe = build_tiny_sd3(world.VOCABULARY, cfg.model_config(), seed=0)
+    pipe = build_tiny_sd3(world.VOCABULARY, tiny_config(cfg), seed=0)
     _zero_init(pipe.transformer)
     text = encode_text_table(pipe, ["a red circle", "two blue squares", "a red circle"])
     assert text.embeds.shape[0] == 3  # two distinct prompts + the empty one
@@ -143,20 +144,15 @@ def test_zero_init_gives_zero_velocity():
     assert torch.count_nonzero(v) == 0
 
 
-def test_sample_grid_writes_png_of_expected_size(tiny_pipe, tmp_path):
-    prompts = ["a red circle", "two blue squares", "a green triangle", "a yellow square", "one red circle"]
-    path = sample_grid(tiny_pipe, prompts, tmp_path / "grid.png", num_steps=2, guidance_scale=2.0, seed=0, columns=3)
-    image = Image.open(path)
-    assert image.format == "PNG"
-    # 32 px images upscaled 4x (to >= 128 px), 4 px padding, 3 caption lines of 12 px
-    assert image.size == (3 * (128 + 8), 2 * (128 + 36 + 8))
+def test_base_evaluation_is_kept_for_the_grid(tiny_run, tmp_path):
+    from tpgrpo.evaluate import save_grid
 
-
-def test_evaluate_reward_is_a_mean_in_unit_interval(tiny_pipe):
-    records = [{"prompt": "a red circle", "kind": "single", "objects": [{"color": "red", "shape": "circle", "count": 1}],
-                "relation": None, "background": None}]  # fmt: skip
-    out = evaluate_reward(tiny_pipe, records * 2, num_steps=2, guidance_scale=2.0)
-    assert 0.0 <= out.mean <= 1.0 and out.scores.shape == (2,)
+    ev = tiny_run.evaluation
+    assert ev.reward == pytest.approx(tiny_run.reward_base)
+    assert ev.scores.shape == (tiny_run.num_eval_prompts,)
+    image = Image.open(save_grid(ev, tmp_path / "grid.png", columns=4))
+    # 8 samples of 32 px upscaled 4x, 4 px padding, 3 caption lines of 12 px, 4 columns
+    assert image.size == (4 * (128 + 8), 2 * (128 + 36 + 8))
 
 
 @pytest.mark.slow

@@ -67,6 +67,61 @@ class DataSection(_Section):
     seed: int = 0
 
 
+class PretrainSection(_Section):
+    """Pretraining of the embedded tiny SD3 base model on the synthetic world (``tpgrpo pretrain``).
+
+    Model size: ``image_size``, ``num_layers``, ``num_attention_heads``, ``attention_head_dim``,
+    ``patch_size``. Data: ``num_train_images`` train-distribution images, rendered and encoded once.
+    VAE: ``vae_steps`` AdamW steps of ``vae_batch_size`` at ``vae_lr`` (cosine), loss MSE + L1
+    weighted ``1 + vae_saturation_weight * chroma``; ``vae_test_images`` test images measure it.
+    Transformer: ``transformer_steps`` AdamW steps of ``batch_size`` at ``lr`` (``warmup_steps``
+    linear warm-up, cosine to ``min_lr_ratio * lr``), ``weight_decay``, gradient norm clip
+    ``grad_clip`` (0: off), sigma = sigmoid(N(``logit_mean``, ``logit_std``)) shifted like the
+    scheduler when ``shift_sigmas``, ``caption_dropout`` of captions emptied, EMA ``ema_decay``.
+    Evaluation: ``eval_prompts`` test prompts, ``eval_steps`` ODE steps at ``eval_guidance_scale``.
+    ``num_threads``: torch CPU threads (0 = leave torch's setting); 1 is fastest on a busy 2-core
+    box and keeps float reductions, and so the model, reproducible.
+    """
+
+    image_size: int = Field(32, ge=16, multiple_of=16)
+    num_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+    patch_size: int = Field(2, ge=1)
+    num_train_images: int = Field(4096, ge=1)
+    vae_steps: int = Field(600, ge=1)
+    vae_batch_size: int = Field(32, ge=1)
+    vae_lr: float = Field(2e-3, gt=0.0)
+    vae_saturation_weight: float = Field(2.0, ge=0.0)
+    vae_test_images: int = Field(256, ge=1)
+    transformer_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0.0)
+    shift_sigmas: bool = True
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    zero_init: bool = True
+    eval_prompts: int = Field(128, ge=1)
+    eval_seed: int = Field(0, ge=0)
+    eval_steps: int = Field(10, ge=1)
+    eval_guidance_scale: float = Field(2.0, ge=1.0)
+    eval_batch_size: int = Field(64, ge=1)
+    num_threads: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "PretrainSection":
+        latent = self.image_size // 4
+        if latent % self.patch_size:
+            raise ValueError(f"patch_size: expected to divide the latent side ({latent}), got {self.patch_size}")
+        return self
+
+
 class SampleSection(_Section):
     """Rollouts: the sampler, its SDE window and the GRPO groups."""
 
@@ -176,6 +231,7 @@ class ExperimentConfig(_Section):
     runs_dir: str = "runs"
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
+    pretrain: PretrainSection = PretrainSection()
     sample: SampleSection = SampleSection()
     credit: CreditSection = CreditSection()
     advantage: AdvantageSection = AdvantageSection()

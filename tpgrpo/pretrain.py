@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import random
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,136 +41,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from tpgrpo import world
+from tpgrpo.config import PretrainSection
+from tpgrpo.data import PromptSet
+from tpgrpo.evaluate import EvalResult, evaluate_prompts
 from tpgrpo.models import TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
 from tpgrpo.models.base import _quiet_progress
 from tpgrpo.rewards import build_reward
-from tpgrpo.rollout import RolloutConfig, as_adapter, rollout
 
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "sample_grid", "evaluate_reward", "encode_text_table", "train_vae", "train_transformer"]
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "tiny_config", "encode_text_table", "train_vae", "train_transformer"]
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Every knob of :func:`pretrain` (plain types, so it maps 1:1 onto ``params.yaml``).
+PretrainConfig = PretrainSection
 
-    Model size (passed to :class:`TinySD3Config`): ``image_size``, ``num_layers``,
-    ``num_attention_heads``, ``attention_head_dim``, ``patch_size``.
 
-    Data: ``num_train_images`` images of the train distribution are rendered once, encoded once
-    and reused every epoch (encoding a fresh batch through the VAE every step would cost more than
-    the transformer step it feeds).
-
-    VAE: ``vae_steps`` AdamW steps of ``vae_batch_size`` images at ``vae_lr`` (cosine decay),
-    loss ``mse + l1`` per pixel, weighted ``1 + vae_saturation_weight * chroma`` (chroma = max - min
-    channel, in [0, 1]); ``vae_test_images`` images of test prompts measure ``vae_test_mse``.
-
-    Transformer: ``transformer_steps`` AdamW steps of ``batch_size`` at ``lr`` (linear warm-up over
-    ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``), ``weight_decay``, gradient norm
-    clipped at ``grad_clip`` (0: off); sigma = sigmoid(N(``logit_mean``, ``logit_std``)), shifted
-    like the scheduler when ``shift_sigmas``; ``caption_dropout`` of the captions replaced by the
-    empty prompt; EMA with ``ema_decay`` (warmed up as (1 + n) / (10 + n)).
-
-    ``num_threads``: torch CPU threads during the call (restored afterwards); 0 leaves torch's
-    setting alone. On a 2-core box whose other core is busy, 2 threads made the small convolutions
-    of the VAE ~10x slower than 1 thread (the threads wait on each other), so 1 is the safe choice
-    on shared machines.
-
-    Evaluation: ``eval_prompts`` test prompts (drawn with ``eval_seed``, fixed across model seeds)
-    unless ``pretrain`` gets ``test_prompts``; ``eval_steps`` ODE steps at ``eval_guidance_scale``.
-    """
-
-    image_size: int = 32
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    attention_head_dim: int = 32
-    patch_size: int = 2
-
-    num_train_images: int = 8192
-
-    vae_steps: int = 1500
-    vae_batch_size: int = 32
-    vae_lr: float = 2e-3
-    vae_saturation_weight: float = 2.0
-    vae_test_images: int = 256
-
-    transformer_steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift_sigmas: bool = True
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.995
-    zero_init: bool = True
-
-    eval_prompts: int = 128
-    eval_seed: int = 0
-    eval_steps: int = 10
-    eval_guidance_scale: float = 2.0
-    eval_batch_size: int = 64
-
-    num_threads: int = 0
-
-    def __post_init__(self) -> None:
-        positive_ints = (
-            "image_size", "num_layers", "num_attention_heads", "attention_head_dim", "patch_size",
-            "num_train_images", "vae_steps", "vae_batch_size", "vae_test_images", "transformer_steps",
-            "batch_size", "eval_prompts", "eval_steps", "eval_batch_size",
-        )  # fmt: skip
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PretrainConfig.{name}: expected an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "eval_seed", "num_threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"PretrainConfig.{name}: expected an int >= 0, got {value!r}")
-        for name in ("vae_lr", "lr", "logit_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"PretrainConfig.{name}: expected a number > 0, got {value!r}")
-        for name in ("vae_saturation_weight", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"PretrainConfig.{name}: expected a number >= 0, got {value!r}")
-        for name in ("caption_dropout", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"PretrainConfig.{name}: expected a number in [0, 1], got {value!r}")
-        if not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
-            raise ValueError(f"PretrainConfig.ema_decay: expected a number in [0, 1), got {self.ema_decay!r}")
-        if not isinstance(self.logit_mean, (int, float)) or not math.isfinite(self.logit_mean):
-            raise ValueError(f"PretrainConfig.logit_mean: expected a finite number, got {self.logit_mean!r}")
-        if not isinstance(self.eval_guidance_scale, (int, float)) or self.eval_guidance_scale < 1:
-            raise ValueError(
-                f"PretrainConfig.eval_guidance_scale: expected a number >= 1, got {self.eval_guidance_scale!r}"
-            )
-        try:
-            self.model_config()
-        except ValueError as err:
-            raise ValueError(f"PretrainConfig: model sizes rejected: {err}") from None
-
-    def model_config(self) -> TinySD3Config:
-        """The :class:`TinySD3Config` this config builds."""
-        return TinySD3Config(
-            image_size=self.image_size,
-            num_layers=self.num_layers,
-            num_attention_heads=self.num_attention_heads,
-            attention_head_dim=self.attention_head_dim,
-            patch_size=self.patch_size,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def tiny_config(cfg: PretrainConfig) -> TinySD3Config:
+    """The :class:`TinySD3Config` the pretraining settings build."""
+    return TinySD3Config(
+        image_size=cfg.image_size,
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        patch_size=cfg.patch_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -192,6 +87,7 @@ class PretrainResult:
         vae_losses, transformer_losses: the loss of every optimisation step.
         transformer_parameters: parameter count of the transformer.
         num_eval_prompts: how many prompts the rewards average over.
+        evaluation: the trained model's evaluation (scores and the first samples, for a grid).
     """
 
     path: Path
@@ -210,10 +106,12 @@ class PretrainResult:
     num_eval_prompts: int
     vae_losses: tuple[float, ...] = field(repr=False, default=())
     transformer_losses: tuple[float, ...] = field(repr=False, default=())
+    evaluation: EvalResult | None = field(repr=False, default=None)
 
     def metrics(self) -> dict[str, Any]:
-        """The scalar results as a JSON-ready dict (no loss histories)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("vae_losses", "transformer_losses")}
+        """The scalar results as a JSON-ready dict (no loss histories, no images)."""
+        skip = {"vae_losses", "transformer_losses", "evaluation"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["path"] = str(self.path)
         return out
 
@@ -450,52 +348,6 @@ def train_transformer(
 # Evaluation and samples
 
 
-@dataclass(frozen=True)
-class RewardSummary:
-    mean: float
-    details: dict[str, float]
-    scores: Tensor = field(repr=False)
-
-
-def _summarise(scores: Tensor, details: dict[str, list[Tensor]]) -> RewardSummary:
-    means = {}
-    for name, parts in details.items():
-        values = torch.cat(parts)
-        values = values[~torch.isnan(values)]
-        means[name] = float(values.mean()) if values.numel() else float("nan")
-    return RewardSummary(mean=float(scores.mean()), details=means, scores=scores)
-
-
-@torch.no_grad()
-def evaluate_reward(
-    model: object,
-    records: Sequence[dict[str, Any]],
-    *,
-    num_steps: int = 10,
-    guidance_scale: float = 2.0,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> RewardSummary:
-    """Verifiable reward of ODE samples of ``model`` (pipeline, directory or adapter) for prompt
-    records (dicts with ``prompt`` and world metadata); one sample per prompt, noise from ``seed``."""
-    reward = build_reward("verifiable")
-    adapter = as_adapter(model)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    rcfg = RolloutConfig(
-        num_steps=num_steps, window_size=1, noise_level=0.0, guidance_scale=guidance_scale, completions=False
-    )
-    scores, details = [], {}
-    for i in range(0, len(records), batch_size):
-        chunk = list(records[i : i + batch_size])
-        prompts = [r["prompt"] for r in chunk]
-        images = rollout(adapter, prompts, rcfg, generator=generator).images
-        out = reward(images, prompts, chunk)
-        scores.append(out.scores)
-        for name, value in out.details.items():
-            details.setdefault(name, []).append(value)
-    return _summarise(torch.cat(scores), details)
-
-
 @torch.no_grad()
 def _reconstruction_quality(vae: torch.nn.Module, batch: world.TrainingBatch) -> tuple[float, float]:
     """(per-pixel MSE in [0, 1] units, verifiable reward) of deterministic reconstructions."""
@@ -508,81 +360,6 @@ def _reconstruction_quality(vae: torch.nn.Module, batch: world.TrainingBatch) ->
     mse = float(F.mse_loss(images, target))
     score = build_reward("verifiable")(images, batch.prompts, batch.metadata).scores.mean()
     return mse, float(score)
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font only
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int) -> list[str]:
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = textwrap.shorten(lines[-1] + " ...", width=max(4, len(lines[-1])), placeholder="...")
-    return lines
-
-
-def sample_grid(
-    pipe_or_adapter: object,
-    prompts: Sequence[str],
-    path: str | Path,
-    *,
-    num_steps: int = 10,
-    guidance_scale: float = 2.0,
-    seed: int = 0,
-    columns: int = 8,
-    scale: int | None = None,
-    caption_lines: int = 3,
-) -> Path:
-    """Write a PNG grid of one ODE sample per prompt, with the prompt printed under each image.
-
-    Images are upscaled ``scale``x by nearest neighbour (default: the smallest factor that makes
-    them at least 128 px wide). Layout: ``columns`` cells per row (fewer if there are fewer
-    prompts), each ``S + 2 * pad`` wide and ``S + caption + 2 * pad`` high with S = image side x
-    scale, pad = 4 and caption = ``caption_lines`` x 12 px; so the PNG is
-    ``min(columns, n) * (S + 8)`` by ``ceil(n / columns) * (S + 12 * caption_lines + 8)`` pixels.
-    """
-    if not prompts:
-        raise ValueError("sample_grid: prompts is empty")
-    if columns < 1:
-        raise ValueError(f"sample_grid: columns must be >= 1, got {columns}")
-    adapter = as_adapter(pipe_or_adapter)
-    rcfg = RolloutConfig(
-        num_steps=num_steps, window_size=1, noise_level=0.0, guidance_scale=guidance_scale, completions=False
-    )
-    generator = torch.Generator("cpu").manual_seed(seed)
-    images = rollout(adapter, list(prompts), rcfg, generator=generator).images
-    side = images.shape[-1]
-    scale = scale or max(1, math.ceil(128 / side))
-    if scale < 1:
-        raise ValueError(f"sample_grid: scale must be >= 1, got {scale}")
-    pad, line_height = 4, 12
-    cell_w, img_s = side * scale + 2 * pad, side * scale
-    cell_h = img_s + caption_lines * line_height + 2 * pad
-    cols = min(columns, len(prompts))
-    rows = math.ceil(len(prompts) / cols)
-    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = _font(10)
-    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, (array, prompt) in enumerate(zip(arrays, prompts)):
-        x, y = (i % cols) * cell_w + pad, (i // cols) * cell_h + pad
-        tile = Image.fromarray(array).resize((img_s, img_s), Image.Resampling.NEAREST)
-        canvas.paste(tile, (x, y))
-        for j, line in enumerate(_wrap(draw, prompt, font, img_s, caption_lines)):
-            draw.text((x, y + img_s + 1 + j * line_height), line, fill=(0, 0, 0), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,8 +391,6 @@ def pretrain(
     default: ``cfg.eval_prompts`` prompts of the test split. Also writes ``out_dir/pretrain.json``
     (config and metrics). Deterministic in ``seed`` on CPU.
     """
-    if not isinstance(cfg, PretrainConfig):
-        raise TypeError(f"pretrain: cfg must be a PretrainConfig, got {type(cfg).__name__}")
     records = _test_records(cfg, test_prompts)
     threads = torch.get_num_threads()
     if cfg.num_threads:
@@ -632,7 +407,7 @@ def _pretrain(
     t_start = time.perf_counter()
     _seed_everything(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    model_cfg = cfg.model_config()
+    model_cfg = tiny_config(cfg)
 
     pipe = build_tiny_sd3(world.VOCABULARY, model_cfg, seed)
     data = _render_dataset(cfg.num_train_images, cfg.image_size, seed)
@@ -685,12 +460,14 @@ def _pretrain(
         reloaded = StableDiffusion3Pipeline.from_pretrained(out_dir, local_files_only=True)
     reloaded.set_progress_bar_config(disable=True)
 
+    prompts = PromptSet([r["prompt"] for r in records], records)
+    reward = build_reward("verifiable")
     eval_kw = dict(
         num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance_scale, seed=cfg.eval_seed,
         batch_size=cfg.eval_batch_size,
     )  # fmt: skip
-    base = evaluate_reward(reloaded, records, **eval_kw)
-    untrained = evaluate_reward(build_tiny_sd3(world.VOCABULARY, model_cfg, seed), records, **eval_kw)
+    base = evaluate_prompts(reloaded, prompts, reward, **eval_kw)
+    untrained = evaluate_prompts(build_tiny_sd3(world.VOCABULARY, model_cfg, seed), prompts, reward, **eval_kw)
 
     result = PretrainResult(
         path=out_dir,
@@ -698,8 +475,8 @@ def _pretrain(
         vae_recon_reward=vae_recon_reward,
         scaling_factor=scaling,
         shift_factor=shift,
-        reward_base=base.mean,
-        reward_untrained=untrained.mean,
+        reward_base=base.reward,
+        reward_untrained=untrained.reward,
         reward_details=base.details,
         reward_details_untrained=untrained.details,
         seconds_vae=seconds_vae,
@@ -709,9 +486,12 @@ def _pretrain(
         num_eval_prompts=len(records),
         vae_losses=tuple(vae_losses),
         transformer_losses=tuple(transformer_losses),
+        evaluation=base,
     )
-    (out_dir / METRICS_FILE).write_text(
-        json.dumps({"seed": seed, "config": cfg.to_dict(), "metrics": result.metrics()}, indent=2) + "\n",
+    tmp = out_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text(
+        json.dumps({"seed": seed, "config": cfg.model_dump(), "metrics": result.metrics()}, indent=2) + "\n",
         encoding="utf-8",
     )
+    tmp.replace(out_dir / METRICS_FILE)
     return result

@@ -36,7 +36,7 @@ import torch
 from scipy import ndimage
 
 from tpgrpo.rewards import RewardOutput
-from tpgrpo.world import PALETTE, SHAPES, PromptSpec
+from tpgrpo.world import PALETTE, PromptSpec
 
 CONSTRAINT_TYPES: tuple[str, ...] = ("color", "count", "shape", "position", "background")
 

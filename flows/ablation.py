@@ -1,0 +1,372 @@
+"""Prefect flow ``tpgrpo``: the ablation fan-out and its comparison.
+
+One MLflow parent run per ablation; every (variant, seed) trains as its own child flow run of
+``tpgrpo-train`` (one MLflow child run each, nested under the parent), then a ``compare`` task
+writes ``reports/`` (:func:`tpgrpo.report.build_report`) and publishes the table and the markdown
+as Prefect artifacts and as artifacts of the parent MLflow run.
+
+Where the children run:
+- when the deployment ``tpgrpo-train/train`` exists and is ready (a ``python -m flows.serve``
+  process or a worker of its work pool is polling), every child is submitted at once with
+  ``run_deployment`` and the flow waits for all of them: a pool with several workers (or one
+  ``serve`` process) trains variants in parallel;
+- otherwise, or with ``in_process=True``, each child runs in this process as a subflow, one
+  after the other.
+
+A failing variant does not stop the others: its child flow run ends Failed, its MLflow run
+FAILED (created FAILED if it never got that far), the report lists it as failed, and after the
+comparison the ablation itself ends Failed, naming the failed variants.
+
+Run directories: ``<runs_dir>/<variant>`` for the params file's seed, ``<runs_dir>/<variant>-seed<N>``
+for other seeds (:func:`flows.training.run_name`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+from pydantic import Field
+
+from flows.training import DEPLOYMENT_NAME, FLOW_NAME, FLOW_RUN_TAG, SEED_TAG, run_name, train_variant
+from tpgrpo.config import ExperimentConfig, load_config
+
+TRAIN_DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
+ABLATION_FLOW_NAME = "tpgrpo"
+TABLE_ARTIFACT_KEY = "tpgrpo-ablation"
+MARKDOWN_ARTIFACT_KEY = "tpgrpo-ablation-report"
+POLL_SECONDS = 5.0
+
+
+class AblationError(RuntimeError):
+    """Raised at the end of an ablation in which some variants failed (after the comparison)."""
+
+
+@dataclass
+class ChildOutcome:
+    """How one (variant, seed) ended."""
+
+    name: str
+    variant: str
+    seed: int
+    status: str  # "ok" | "failed" | "cancelled"
+    flow_run_id: str | None = None
+    mlflow_run_id: str | None = None
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def resolve_variants(cfg: ExperimentConfig, variants: list[str] | None) -> list[str]:
+    """The variants to run, in order, without duplicates; None means every variant of the
+    params file. Raises ValueError naming an unknown variant and the defined ones."""
+    defined = list(cfg.variants)
+    if variants is None:
+        if not defined:
+            raise ValueError("the params file defines no variants; add some under 'variants' or pass `variants`")
+        return defined
+    chosen = list(dict.fromkeys(variants))
+    if not chosen:
+        raise ValueError("variants: expected at least one variant name")
+    for name in chosen:
+        if name not in cfg.variants:
+            raise ValueError(f"unknown variant {name!r}; defined in the params file: {', '.join(defined) or 'none'}")
+    return chosen
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+@task(name="compare", task_run_name="compare", cache_policy=NO_CACHE, persist_result=False)
+def compare_task(
+    runs_dir: str,
+    names: list[str],
+    reports_dir: str,
+    tracking_uri: str | None,
+    parent_run_id: str | None,
+    failures: dict[str, str],
+) -> dict[str, Any]:
+    """The ablation report (markdown, JSON, plots) to ``reports_dir``, to the parent MLflow run,
+    and as Prefect table and markdown artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tpgrpo.report import build_report
+
+    report = build_report(
+        runs_dir,
+        names,
+        reports_dir,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        failures=failures,
+    )
+    records = json.loads(report.table.to_json(orient="records"))  # NaN -> null
+    create_table_artifact(
+        table=records,
+        key=TABLE_ARTIFACT_KEY,
+        description="TP-GRPO ablation: final eval reward per variant",
+    )
+    plots = "\n".join(f"- `{p}`" for p in report.plot_paths.values())
+    create_markdown_artifact(
+        markdown=f"{report.markdown}\nPlots:\n\n{plots}\n",
+        key=MARKDOWN_ARTIFACT_KEY,
+        description="TP-GRPO ablation report",
+    )
+    return {
+        "markdown": str(report.markdown_path),
+        "json": str(report.json_path),
+        "plots": {k: str(v) for k, v in report.plot_paths.items()},
+        "failed": list(report.failed),
+    }
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _train_deployment_ready(logger) -> bool:
+    """Whether the ``tpgrpo-train/train`` deployment exists and something is polling for it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import DeploymentStatus
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+    except ObjectNotFound:
+        logger.info("no deployment %s: training the variants in this process", TRAIN_DEPLOYMENT)
+        return False
+    if deployment.status != DeploymentStatus.READY:
+        logger.warning(
+            "deployment %s is %s (no serve process or worker is polling): training in this process",
+            TRAIN_DEPLOYMENT,
+            deployment.status.value if deployment.status else "not ready",
+        )
+        return False
+    return True
+
+
+def _outcome_from_state(state, name: str, variant: str, seed: int, flow_run_id: str | None) -> ChildOutcome:
+    if state is not None and state.is_completed():
+        return ChildOutcome(name, variant, seed, "ok", flow_run_id)
+    status = "cancelled" if state is not None and (state.is_cancelled() or state.name == "Cancelling") else "failed"
+    message = (state.message if state is not None else None) or f"flow run ended {state.name if state else 'without a state'}"
+    return ChildOutcome(name, variant, seed, status, flow_run_id, message=message)
+
+
+def _run_in_process(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]:
+    outcomes = []
+    for job in jobs:
+        params = job["parameters"]
+        logger.info("training %s in this process", job["name"])
+        try:
+            state = train_variant.with_options(flow_run_name=job["name"])(**params, return_state=True)
+        except Exception as exc:  # the subflow could not even start
+            outcomes.append(ChildOutcome(job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}"))
+            continue
+        flow_run_id = state.state_details.flow_run_id
+        outcomes.append(
+            _outcome_from_state(state, job["name"], params["variant"], job["seed"], str(flow_run_id) if flow_run_id else None)
+        )
+        gc.collect()  # the finished variant's model and optimizer, before the next one loads
+        _empty_accelerator_cache()
+    return outcomes
+
+
+def _run_on_deployment(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    submitted: dict[str, tuple[dict[str, Any], Any]] = {}
+    outcomes: dict[str, ChildOutcome] = {}
+    for job in jobs:
+        params = job["parameters"]
+        try:
+            run = run_deployment(TRAIN_DEPLOYMENT, parameters=params, flow_run_name=job["name"], timeout=0)
+        except Exception as exc:
+            outcomes[job["name"]] = ChildOutcome(job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}")
+            continue
+        logger.info("submitted %s as flow run %s (%s)", job["name"], run.name, run.id)
+        submitted[job["name"]] = (job, run.id)
+    with get_client(sync_client=True) as client:
+        while len(outcomes) < len(jobs):
+            for name, (job, flow_run_id) in submitted.items():
+                if name in outcomes:
+                    continue
+                run = client.read_flow_run(flow_run_id)
+                if run.state is not None and run.state.is_final():
+                    outcomes[name] = _outcome_from_state(run.state, name, job["parameters"]["variant"], job["seed"], str(flow_run_id))
+                    logger.info("%s: %s", name, run.state.name)
+            if len(outcomes) < len(jobs):
+                time.sleep(POLL_SECONDS)
+    return [outcomes[job["name"]] for job in jobs]
+
+
+def _empty_accelerator_cache() -> None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def _settle_mlflow(cfg: ExperimentConfig, parent_run_id: str | None, outcome: ChildOutcome) -> None:
+    """Make the child's MLflow run agree with its Prefect outcome: a failed child whose run is
+    still RUNNING (a crashed worker) is set FAILED, one that never created a run gets a FAILED
+    run, so every (variant, seed) of the ablation shows up under the parent."""
+    from tpgrpo.tracking import MLflowTracker, run_tags  # sets MLflow's no-telemetry variables first
+
+    if not cfg.tracking.uri or parent_run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = []
+    if experiment is not None and outcome.flow_run_id:
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.{FLOW_RUN_TAG} = '{outcome.flow_run_id}'",
+            max_results=10,
+        )
+    if runs:
+        run = runs[0]
+        outcome.mlflow_run_id = run.info.run_id
+        if outcome.status != "ok" and run.info.status in ("RUNNING", "SCHEDULED"):
+            client.set_tag(run.info.run_id, "error", outcome.message[:5000])
+            client.set_terminated(run.info.run_id, status="KILLED" if outcome.status == "cancelled" else "FAILED")
+        return
+    if outcome.status == "ok":
+        return
+    tags = {**run_tags(outcome.variant), SEED_TAG: str(outcome.seed), "error": outcome.message[:5000]}
+    if outcome.flow_run_id:
+        tags[FLOW_RUN_TAG] = outcome.flow_run_id
+    failed = MLflowTracker(
+        cfg.tracking.uri, cfg.tracking.experiment, run_name=outcome.name, parent_run_id=parent_run_id, tags=tags
+    )
+    failed.finish("KILLED" if outcome.status == "cancelled" else "FAILED")
+    outcome.mlflow_run_id = failed.run_id
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+@flow(name=ABLATION_FLOW_NAME, persist_result=False)
+def ablation(
+    variants: list[str] | None = None,
+    seeds: Annotated[list[int], Field(min_length=1)] = [42],  # noqa: B006 - Prefect copies parameters
+    epochs: Annotated[int | None, Field(ge=1)] = None,
+    params_path: Annotated[str, Field(min_length=1)] = "params.yaml",
+    overrides: list[str] = [],  # noqa: B006
+    in_process: bool = False,
+    restart: bool = False,
+    reports_dir: Annotated[str, Field(min_length=1)] = "reports",
+) -> dict[str, Any]:
+    """Train every (variant, seed) as a child flow run of tpgrpo-train and compare them.
+
+    Returns a summary: the parent MLflow run id, each run's outcome, and the report's files.
+    Raises AblationError (the flow run ends Failed) after the comparison when some run failed.
+
+    Args:
+        variants: names under `variants` in the params file; null = all of them (by default
+            flow_grpo, incremental, tp_grpo, tp_grpo_plain).
+        seeds: one run per variant and seed; the params file's seed writes runs/<variant>,
+            others runs/<variant>-seed<N>.
+        epochs: overrides train.epochs for every run.
+        params_path: the experiment file (relative to the working directory).
+        overrides: dotted overrides for every run, e.g. sample.batch_size=8.
+        in_process: train here, one run after the other, even if the tpgrpo-train/train
+            deployment is ready.
+        restart: discard existing run directories instead of resuming from their checkpoints.
+        reports_dir: where the comparison (ablation.md, ablation.json, plots) is written.
+    """
+    logger = get_run_logger()
+    params_file = Path(params_path).resolve()
+    child_overrides = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    cfg = load_config(params_file, overrides=child_overrides)
+    chosen = resolve_variants(cfg, variants)
+    seed_list = list(dict.fromkeys(seeds))
+    for name in chosen:  # every variant's config must load before anything starts
+        load_config(params_file, variant=name, overrides=child_overrides)
+
+    from tpgrpo.tracking import finishing, open_tracker, run_tags
+
+    flow_run_name = current_flow_run.name or "local"
+    parent_tags = {**run_tags(), "ablation.variants": ",".join(chosen), "ablation.seeds": ",".join(map(str, seed_list))}
+    if current_flow_run.id:
+        parent_tags[FLOW_RUN_TAG] = str(current_flow_run.id)
+    parent = open_tracker(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        is_main_process=True,
+        run_name=f"ablation-{flow_run_name}",
+        tags=parent_tags,
+    )
+    with finishing(parent):
+        parent.log_params(
+            {
+                "variants": chosen,
+                "seeds": seed_list,
+                "epochs": epochs,
+                "overrides": list(overrides),
+                "params_path": str(params_file),
+            }
+        )
+        jobs = []
+        for name in chosen:
+            for seed in seed_list:
+                jobs.append(
+                    {
+                        "name": run_name(name, seed, cfg.seed),
+                        "seed": seed,
+                        "parameters": {
+                            "variant": name,
+                            "params_path": str(params_file),
+                            "overrides": child_overrides,
+                            "parent_run_id": parent.run_id,
+                            "seed": seed,
+                            "restart": restart,
+                        },
+                    }
+                )
+        if not in_process and _train_deployment_ready(logger):
+            outcomes = _run_on_deployment(jobs, logger)
+        else:
+            outcomes = _run_in_process(jobs, logger)
+        for outcome in outcomes:
+            _settle_mlflow(cfg, parent.run_id, outcome)
+        failures = {o.name: o.message or o.status for o in outcomes if o.status != "ok"}
+        report = compare_task(
+            cfg.runs_dir,
+            [o.name for o in outcomes],
+            reports_dir,
+            cfg.tracking.uri if parent.run_id else None,
+            parent.run_id,
+            failures,
+        )
+        summary = {
+            "parent_run_id": parent.run_id,
+            "runs": [asdict(o) for o in outcomes],
+            "report": report,
+        }
+        if failures:
+            parent.set_tags({"failed_variants": ",".join(failures)})
+            raise AblationError(
+                f"{len(failures)} of {len(outcomes)} runs failed: "
+                + "; ".join(f"{name}: {message}" for name, message in failures.items())
+            )
+    return summary
+
+
+__all__ = ["AblationError", "ChildOutcome", "ablation", "resolve_variants"]

@@ -1,0 +1,292 @@
+"""The Prefect flows against a real local Prefect server (``prefect_test_harness``: a server
+subprocess on a free 127.0.0.1 port with a temporary database, one per module), on a tiny
+workspace: the ablation fan-out, its MLflow parent/child runs, the task DAG of a training run,
+the comparison artifacts, failure isolation and the score task's retries; and that the task
+loop trains exactly what ``Trainer.fit`` trains."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.ablation import AblationError, ablation, resolve_variants
+from flows.training import FLOW_RUN_TAG, run_name
+from tpgrpo.config import load_config
+from tpgrpo.rewards import register_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("rollout", "score", "credit", "update", "evaluate", "checkpoint")
+
+
+# --------------------------------------------------------------------------- test rewards
+
+
+def _flaky_reward():
+    """The brightness reward, except that its second call raises: with the tiny workspace that
+    is the first rollout's scoring (the first call is the base-model evaluation)."""
+    from tpgrpo.rewards import build_reward
+
+    inner, calls = build_reward("brightness"), [0]
+
+    def score(images, prompts, metadata):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("flaky reward: transient failure")
+        return inner(images, prompts, metadata)
+
+    return score
+
+
+def _broken_reward():
+    def score(images, prompts, metadata):
+        raise RuntimeError("broken reward: always fails")
+
+    return score
+
+
+register_reward("flaky", _flaky_reward, overwrite=True)
+register_reward("broken", _broken_reward, overwrite=True)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """A Prefect server for this module; stopped (and its database removed) at teardown."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> Path:
+    from tpgrpo.models import save_pipeline
+    from tpgrpo.world import write_prompt_sets
+
+    root = tmp_path_factory.mktemp("assets")
+    save_pipeline(tiny_pipe, root / "base")
+    write_prompt_sets(root / "prompts", n_train=16, n_test=4, seed=0)
+    return root
+
+
+def _workspace(tmp_path: Path, assets: Path, epochs: int = 1) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(runs_dir=str(tmp_path / "runs"))
+    params["model"].update(path=str(assets / "base"), resolution=32)
+    params["data"].update(dir=str(assets / "prompts"))
+    params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
+    params["train"].update(epochs=epochs, lora_rank=2)
+    params["eval"].update(num_steps=3, every=1)
+    params["reward"].update(name="brightness")
+    params["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="flows-test")
+    params["variants"].update({"flaky": {"reward.name": "flaky"}, "broken": {"reward.name": "broken"}})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _mlflow(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("flows-test").experiment_id
+
+
+def _children(client, experiment_id: str, parent_run_id: str) -> dict[str, object]:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+def _task_run_names(flow_run_id: str, expected: set[str], timeout: float = 30.0) -> dict[str, object]:
+    """Task runs reach the server as events: poll until the expected ones are recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            by_name = {run.name: run for run in runs if run.state is not None and run.state.is_final()}
+            if expected <= set(by_name) or time.monotonic() > deadline:
+                return by_name
+            time.sleep(0.5)
+
+
+def _flow_run(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _frame(path: Path):
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    return frame[[c for c in frame.columns if not c.startswith("time/")]]
+
+
+# --------------------------------------------------------------------------- fast checks
+
+
+def test_variant_names_are_checked_before_anything_runs() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert resolve_variants(cfg, None) == ["flow_grpo", "incremental", "tp_grpo", "tp_grpo_plain"]
+    assert resolve_variants(cfg, ["tp_grpo", "flow_grpo", "tp_grpo"]) == ["tp_grpo", "flow_grpo"]
+    with pytest.raises(ValueError, match=r"unknown variant 'tp-grpo'; defined in the params file: flow_grpo, incremental"):
+        resolve_variants(cfg, ["flow_grpo", "tp-grpo"])
+
+
+def test_run_names_keep_runs_variant_for_the_params_seed() -> None:
+    assert run_name("tp_grpo", None, 42) == "tp_grpo"
+    assert run_name("tp_grpo", 42, 42) == "tp_grpo"
+    assert run_name("tp_grpo", 7, 42) == "tp_grpo-seed7"
+
+
+def test_ablation_form_validates_parameters() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(ablation).model_dump()["properties"]
+    assert schema["seeds"]["minItems"] == 1 and schema["seeds"]["default"] == [42]
+    assert {"minimum": 1, "type": "integer"} in schema["epochs"]["anyOf"]
+    assert "null = all of them" in schema["variants"]["description"]
+
+
+# --------------------------------------------------------------------------- against a server
+
+
+@pytest.mark.slow
+def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    params = _workspace(tmp_path, assets)
+    reports = tmp_path / "reports"
+    state = ablation(
+        variants=["flow_grpo", "tp_grpo"],
+        epochs=2,
+        params_path=str(params),
+        reports_dir=str(reports),
+        in_process=True,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    parent_flow_run_id = str(state.state_details.flow_run_id)
+
+    # MLflow: one parent, one FINISHED child per variant under it.
+    client, experiment_id = _mlflow(tmp_path)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags[FLOW_RUN_TAG] == parent_flow_run_id
+    children = _children(client, experiment_id, parent.info.run_id)
+    assert set(children) == {"flow_grpo", "tp_grpo"}
+    assert all(run.info.status == "FINISHED" for run in children.values())
+    assert children["flow_grpo"].data.params["credit.mode"] == "outcome"
+    assert children["tp_grpo"].data.tags["variant"] == "tp_grpo"
+
+    # Prefect: the children are Completed subflow runs of the ablation, with the task DAG.
+    expected = {f"{name}-epoch-{e}" for name in TASKS for e in (1, 2)} | {"evaluate-epoch-0", "finalize"}
+    for name, run in children.items():
+        flow_run = _flow_run(run.data.tags[FLOW_RUN_TAG])
+        assert flow_run.name == name and flow_run.state.is_completed()
+        assert flow_run.parent_task_run_id is not None  # linked to the ablation as a subflow
+        with get_client(sync_client=True) as prefect:
+            assert str(prefect.read_task_run(flow_run.parent_task_run_id).flow_run_id) == parent_flow_run_id
+        task_runs = _task_run_names(str(flow_run.id), expected)
+        assert expected <= set(task_runs), sorted(task_runs)
+        assert all(task_runs[n].state.is_completed() for n in expected)
+        # the DAG: score depends on rollout, credit on score, update on credit
+        inputs = {k: {i.id for i in v} for k, v in task_runs["credit-epoch-2"].task_inputs.items()}
+        assert task_runs["score-epoch-2"].id in inputs["upstream"]
+
+    # The comparison: files, Prefect artifacts of the ablation run, parent MLflow artifacts.
+    text = (reports / "ablation.md").read_text()
+    assert "| flow_grpo | ok |" in text and "| tp_grpo | ok |" in text
+    assert json.loads((reports / "ablation.json").read_text())["tp_grpo"]["epochs"] == 2
+    assert (reports / "reward_vs_epoch.png").stat().st_size > 10_000
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    table = by_key["tpgrpo-ablation"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [row["variant"] for row in table] == ["flow_grpo", "tp_grpo"]
+    metrics = json.loads((tmp_path / "runs" / "tp_grpo" / "metrics.json").read_text())
+    assert table[1]["eval_reward"] == pytest.approx(metrics["eval_reward"])
+    assert "| tp_grpo | ok |" in by_key["tpgrpo-ablation-report"].data
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "reports")) == [
+        "reports/ablation.json",
+        "reports/ablation.md",
+        "reports/reward_vs_epoch.png",
+        "reports/turning_rate_per_step.png",
+    ]
+
+    # The task loop trains exactly what Trainer.fit trains.
+    from tpgrpo.trainer import Trainer
+
+    cfg = load_config(params, variant="tp_grpo", overrides=["train.epochs=2", f"runs_dir={tmp_path / 'fit'}"])
+    Trainer(cfg, variant="tp_grpo").fit()
+    flow_dir, fit_dir = tmp_path / "runs" / "tp_grpo", tmp_path / "fit" / "tp_grpo"
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(_frame(flow_dir / "history.csv"), _frame(fit_dir / "history.csv"))
+    flow_metrics, fit_metrics = (json.loads((d / "metrics.json").read_text()) for d in (flow_dir, fit_dir))
+    flow_metrics.pop("minutes"), fit_metrics.pop("minutes")
+    assert flow_metrics == fit_metrics
+    assert sorted(p.name for p in (flow_dir / "checkpoints").iterdir()) == sorted(
+        p.name for p in (fit_dir / "checkpoints").iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_failing_variant_is_isolated_and_score_retries(prefect_api, assets: Path, tmp_path: Path) -> None:
+    params = _workspace(tmp_path, assets)
+    reports = tmp_path / "reports"
+    state = ablation(
+        variants=["broken", "flaky"],
+        params_path=str(params),
+        reports_dir=str(reports),
+        in_process=True,
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(AblationError):
+        state.result()
+    assert "1 of 2 runs failed: broken: " in state.message and "broken reward: always fails" in state.message
+
+    client, experiment_id = _mlflow(tmp_path)
+    (parent,) = client.search_runs([experiment_id], filter_string=f"tags.{FLOW_RUN_TAG} = '{state.state_details.flow_run_id}'")
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken"
+    children = _children(client, experiment_id, parent.info.run_id)
+    assert children["broken"].info.status == "FAILED"
+    assert children["flaky"].info.status == "FINISHED"
+
+    broken = _flow_run(children["broken"].data.tags[FLOW_RUN_TAG])
+    flaky = _flow_run(children["flaky"].data.tags[FLOW_RUN_TAG])
+    assert broken.state.is_failed() and "broken reward" in broken.state.message
+    assert flaky.state.is_completed()
+    task_runs = _task_run_names(str(flaky.id), {"score-epoch-1", "finalize"})
+    assert task_runs["score-epoch-1"].state.is_completed() and task_runs["score-epoch-1"].run_count == 2
+
+    text = (reports / "ablation.md").read_text()
+    assert "| flaky | ok |" in text and "| broken | failed |" in text
+    assert "- `broken`: " in text and "broken reward: always fails" in text
+
+
+@pytest.mark.slow
+def test_unknown_variant_fails_the_ablation_naming_it(prefect_api, assets: Path, tmp_path: Path) -> None:
+    params = _workspace(tmp_path, assets)
+    with pytest.raises(ValueError, match="unknown variant 'tp-grpo'"):
+        ablation(variants=["tp-grpo"], params_path=str(params), reports_dir=str(tmp_path / "r"), in_process=True)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+    with pytest.raises(Exception, match="seeds"):
+        ablation(variants=["tp_grpo"], seeds=[], params_path=str(params), in_process=True)
