@@ -132,7 +132,8 @@ def compare_task(
 
 
 def _train_deployment_ready(logger) -> bool:
-    """Whether the ``tpgrpo-train/train`` deployment exists and something is polling for it."""
+    """Whether the ``tpgrpo-train/train`` deployment exists, is not paused (``serve`` pauses its
+    deployments when it stops) and something polled for its runs recently (status READY)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import DeploymentStatus
     from prefect.exceptions import ObjectNotFound
@@ -142,6 +143,9 @@ def _train_deployment_ready(logger) -> bool:
             deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
     except ObjectNotFound:
         logger.info("no deployment %s: training the variants in this process", TRAIN_DEPLOYMENT)
+        return False
+    if deployment.paused:
+        logger.warning("deployment %s is paused (its serve process stopped?): training in this process", TRAIN_DEPLOYMENT)
         return False
     if deployment.status != DeploymentStatus.READY:
         logger.warning(
@@ -158,6 +162,7 @@ def _outcome_from_state(state, name: str, variant: str, seed: int, flow_run_id: 
         return ChildOutcome(name, variant, seed, "ok", flow_run_id)
     status = "cancelled" if state is not None and (state.is_cancelled() or state.name == "Cancelling") else "failed"
     message = (state.message if state is not None else None) or f"flow run ended {state.name if state else 'without a state'}"
+    message = message.removeprefix("Flow run encountered an exception: ")
     return ChildOutcome(name, variant, seed, status, flow_run_id, message=message)
 
 
@@ -167,7 +172,7 @@ def _run_in_process(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]:
         params = job["parameters"]
         logger.info("training %s in this process", job["name"])
         try:
-            state = train_variant.with_options(flow_run_name=job["name"])(**params, return_state=True)
+            state = train_variant(**params, return_state=True)
         except Exception as exc:  # the subflow could not even start
             outcomes.append(ChildOutcome(job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}"))
             continue
@@ -189,11 +194,11 @@ def _run_on_deployment(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]
     for job in jobs:
         params = job["parameters"]
         try:
-            run = run_deployment(TRAIN_DEPLOYMENT, parameters=params, flow_run_name=job["name"], timeout=0)
+            run = run_deployment(TRAIN_DEPLOYMENT, parameters=params, flow_run_name=f"train-{job['name']}", timeout=0)
         except Exception as exc:
             outcomes[job["name"]] = ChildOutcome(job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}")
             continue
-        logger.info("submitted %s as flow run %s (%s)", job["name"], run.name, run.id)
+        logger.info("submitted %s as flow run %s", job["name"], run.id)
         submitted[job["name"]] = (job, run.id)
     with get_client(sync_client=True) as client:
         while len(outcomes) < len(jobs):
@@ -335,7 +340,9 @@ def ablation(
                             "params_path": str(params_file),
                             "overrides": child_overrides,
                             "parent_run_id": parent.run_id,
-                            "seed": seed,
+                            # None for the params file's seed: run name, directory and flow
+                            # run name are then plain <variant>, as with `tpgrpo train`.
+                            "seed": None if seed == cfg.seed else seed,
                             "restart": restart,
                         },
                     }

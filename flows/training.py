@@ -211,7 +211,15 @@ def _done(value: Any) -> Future:
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name=FLOW_NAME, flow_run_name="train-{variant}", persist_result=False)
+def _flow_run_name() -> str:
+    """``train-<variant>``, plus ``-seed<N>`` when a seed is given (the ablation gives one only
+    for seeds other than the params file's)."""
+    params = current_flow_run.parameters
+    seed = params.get("seed")
+    return f"train-{params.get('variant')}" + ("" if seed is None else f"-seed{seed}")
+
+
+@flow(name=FLOW_NAME, flow_run_name=_flow_run_name, persist_result=False)
 def train_variant(
     variant: str,
     params_path: str = "params.yaml",

@@ -196,7 +196,7 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     expected = {f"{name}-epoch-{e}" for name in TASKS for e in (1, 2)} | {"evaluate-epoch-0", "finalize"}
     for name, run in children.items():
         flow_run = _flow_run(run.data.tags[FLOW_RUN_TAG])
-        assert flow_run.name == name and flow_run.state.is_completed()
+        assert flow_run.name == f"train-{name}" and flow_run.state.is_completed()
         assert flow_run.parent_task_run_id is not None  # linked to the ablation as a subflow
         with get_client(sync_client=True) as prefect:
             assert str(prefect.read_task_run(flow_run.parent_task_run_id).flow_run_id) == parent_flow_run_id
