@@ -160,7 +160,7 @@ def _train_deployment_ready(logger) -> bool:
 def _outcome_from_state(state, name: str, variant: str, seed: int, flow_run_id: str | None) -> ChildOutcome:
     if state is not None and state.is_completed():
         return ChildOutcome(name, variant, seed, "ok", flow_run_id)
-    status = "cancelled" if state is not None and (state.is_cancelled() or state.name == "Cancelling") else "failed"
+    status = "cancelled" if state is not None and state.is_cancelled() else "failed"
     message = (state.message if state is not None else None) or f"flow run ended {state.name if state else 'without a state'}"
     message = message.removeprefix("Flow run encountered an exception: ")
     return ChildOutcome(name, variant, seed, status, flow_run_id, message=message)
@@ -248,9 +248,10 @@ def _settle_mlflow(cfg: ExperimentConfig, parent_run_id: str | None, outcome: Ch
     if runs:
         run = runs[0]
         outcome.mlflow_run_id = run.info.run_id
-        if outcome.status != "ok" and run.info.status in ("RUNNING", "SCHEDULED"):
+        if outcome.status != "ok":
             client.set_tag(run.info.run_id, "error", outcome.message[:5000])
-            client.set_terminated(run.info.run_id, status="KILLED" if outcome.status == "cancelled" else "FAILED")
+            if run.info.status in ("RUNNING", "SCHEDULED"):
+                client.set_terminated(run.info.run_id, status="KILLED" if outcome.status == "cancelled" else "FAILED")
         return
     if outcome.status == "ok":
         return
@@ -376,4 +377,40 @@ def ablation(
     return summary
 
 
-__all__ = ["AblationError", "ChildOutcome", "ablation", "resolve_variants"]
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flows.ablation``: run the ablation flow from this shell (against the Prefect
+    API of prefect.toml / PREFECT_API_URL); ``--local`` trains here even if a train deployment
+    is ready. Exit status 1 when a run failed."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=main.__doc__)
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="default: every variant in the params file")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], metavar="N")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reports-dir", default="reports")
+    parser.add_argument("--local", action="store_true", help="train in this process")
+    parser.add_argument("--restart", action="store_true", help="discard existing run directories")
+    args = parser.parse_args(argv)
+    state = ablation(
+        variants=args.variants,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        params_path=args.params,
+        overrides=args.overrides,
+        in_process=args.local,
+        restart=args.restart,
+        reports_dir=args.reports_dir,
+        return_state=True,
+    )
+    print(f"ablation: {state.name}" + (f": {state.message}" if state.message and not state.is_completed() else ""))
+    sys.exit(0 if state.is_completed() else 1)
+
+
+__all__ = ["AblationError", "ChildOutcome", "ablation", "main", "resolve_variants"]
+
+
+if __name__ == "__main__":
+    main()

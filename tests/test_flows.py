@@ -93,11 +93,15 @@ def _workspace(tmp_path: Path, assets: Path, epochs: int = 1) -> Path:
     return path
 
 
-def _mlflow(tmp_path: Path):
+def _mlflow_client(uri: str, experiment: str):
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return client, client.get_experiment_by_name("flows-test").experiment_id
+    client = MlflowClient(uri)
+    return client, client.get_experiment_by_name(experiment).experiment_id
+
+
+def _mlflow(tmp_path: Path):
+    return _mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}", "flows-test")
 
 
 def _children(client, experiment_id: str, parent_run_id: str) -> dict[str, object]:
@@ -158,6 +162,28 @@ def test_ablation_form_validates_parameters() -> None:
     assert schema["seeds"]["minItems"] == 1 and schema["seeds"]["default"] == [42]
     assert {"minimum": 1, "type": "integer"} in schema["epochs"]["anyOf"]
     assert "null = all of them" in schema["variants"]["description"]
+
+
+def test_failed_children_always_end_failed_under_the_parent(tmp_path: Path) -> None:
+    """A crashed child can leave its MLflow run RUNNING, or die before creating one."""
+    from flows.ablation import ChildOutcome, _settle_mlflow
+    from tpgrpo.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(ROOT / "params.yaml", overrides=[f"tracking.uri={uri}", "tracking.experiment=settle"])
+    parent = MLflowTracker(uri, "settle", run_name="ablation")
+    stuck = MLflowTracker(uri, "settle", run_name="tp_grpo", parent_run_id=parent.run_id, tags={FLOW_RUN_TAG: "run-1"})
+    _settle_mlflow(cfg, parent.run_id, ChildOutcome("tp_grpo", "tp_grpo", 42, "failed", "run-1", message="Crashed"))
+    _settle_mlflow(cfg, parent.run_id, ChildOutcome("flow_grpo-seed7", "flow_grpo", 7, "failed", "run-2", message="boom"))
+
+    client, experiment_id = _mlflow_client(uri, "settle")
+    children = _children(client, experiment_id, parent.run_id)
+    assert children["tp_grpo"].info.run_id == stuck.run_id and children["tp_grpo"].info.status == "FAILED"
+    assert children["tp_grpo"].data.tags["error"] == "Crashed"
+    created = children["flow_grpo-seed7"]
+    assert created.info.status == "FAILED" and created.data.tags["error"] == "boom"
+    assert created.data.tags["variant"] == "flow_grpo" and created.data.tags["seed"] == "7"
+    assert created.data.tags[FLOW_RUN_TAG] == "run-2"
 
 
 # --------------------------------------------------------------------------- against a server
@@ -253,6 +279,7 @@ def test_failing_variant_is_isolated_and_score_retries(prefect_api, assets: Path
     reports = tmp_path / "reports"
     state = ablation(
         variants=["broken", "flaky"],
+        seeds=[42, 7],
         params_path=str(params),
         reports_dir=str(reports),
         in_process=True,
@@ -261,25 +288,32 @@ def test_failing_variant_is_isolated_and_score_retries(prefect_api, assets: Path
     assert state.is_failed()
     with pytest.raises(AblationError):
         state.result()
-    assert "1 of 2 runs failed: broken: " in state.message and "broken reward: always fails" in state.message
+    assert "2 of 4 runs failed: broken: RuntimeError: broken reward: always fails; broken-seed7: " in state.message
 
     client, experiment_id = _mlflow(tmp_path)
     (parent,) = client.search_runs([experiment_id], filter_string=f"tags.{FLOW_RUN_TAG} = '{state.state_details.flow_run_id}'")
-    assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken"
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken,broken-seed7"
     children = _children(client, experiment_id, parent.info.run_id)
-    assert children["broken"].info.status == "FAILED"
-    assert children["flaky"].info.status == "FINISHED"
+    assert {name: run.info.status for name, run in children.items()} == {
+        "broken": "FAILED",
+        "broken-seed7": "FAILED",
+        "flaky": "FINISHED",
+        "flaky-seed7": "FINISHED",
+    }
+    assert children["flaky-seed7"].data.tags["seed"] == "7" and children["flaky"].data.tags["seed"] == "42"
+    assert (tmp_path / "runs" / "flaky-seed7" / "metrics.json").is_file()
 
     broken = _flow_run(children["broken"].data.tags[FLOW_RUN_TAG])
-    flaky = _flow_run(children["flaky"].data.tags[FLOW_RUN_TAG])
     assert broken.state.is_failed() and "broken reward" in broken.state.message
-    assert flaky.state.is_completed()
-    task_runs = _task_run_names(str(flaky.id), {"score-epoch-1", "finalize"})
-    assert task_runs["score-epoch-1"].state.is_completed() and task_runs["score-epoch-1"].run_count == 2
+    for name in ("flaky", "flaky-seed7"):
+        flaky = _flow_run(children[name].data.tags[FLOW_RUN_TAG])
+        assert flaky.name == f"train-{name}" and flaky.state.is_completed()
+        task_runs = _task_run_names(str(flaky.id), {"score-epoch-1", "finalize"})
+        assert task_runs["score-epoch-1"].state.is_completed() and task_runs["score-epoch-1"].run_count == 2
 
     text = (reports / "ablation.md").read_text()
-    assert "| flaky | ok |" in text and "| broken | failed |" in text
-    assert "- `broken`: " in text and "broken reward: always fails" in text
+    assert "| flaky | ok |" in text and "| flaky-seed7 | ok |" in text and "| broken | failed |" in text
+    assert "- `broken`: RuntimeError: broken reward: always fails" in text
 
 
 @pytest.mark.slow

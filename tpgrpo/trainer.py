@@ -25,12 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tpgrpo.advantages import group_advantages, local_rows
 from tpgrpo.checkpoint import (
@@ -64,7 +65,8 @@ class BatchSamples:
     """One rollout batch of this process, with its reward computation under way.
 
     ``rewards`` resolves to R [B_local, W+1]: the reward sequence with completions, otherwise the
-    final reward repeated (Flow-GRPO sees only the outcome).
+    final reward repeated (Flow-GRPO sees only the outcome). ``failed`` records that scoring
+    raised once, so the next :meth:`Trainer.score` call scores the batch again.
     """
 
     prompts: list[str]
@@ -72,6 +74,7 @@ class BatchSamples:
     rollout: Rollout
     rewards: Future
     details: Future
+    failed: bool = False
 
 
 @dataclass
@@ -115,6 +118,14 @@ class TrainResult:
     eval_details: dict[str, float]
     minutes: float
     history: list[dict[str, float]] = field(repr=False)
+
+
+StepRunner = Callable[[str, int, Callable[[], Any]], Any]
+
+
+def run_directly(name: str, epoch: int, fn: Callable[[], Any]) -> Any:
+    """The default :data:`StepRunner`: just run the step."""
+    return fn()
 
 
 class Trainer:
@@ -225,20 +236,23 @@ class Trainer:
         rows = local_rows(self.plan.batch_size, self.acc.process_index, self.acc.num_processes)
         batches = []
         self.transformer.eval()
-        for b, indices in enumerate(epoch_batches(self.plan, len(self.train_set), seed=self.cfg.seed, epoch=epoch)):
+        plan = epoch_batches(self.plan, len(self.train_set), seed=self.cfg.seed, epoch=epoch)
+        for b, indices in enumerate(tqdm(plan, desc=f"epoch {epoch + 1} rollouts", disable=not self.is_main, leave=False)):
             chosen = self.train_set.take(indices[rows].tolist())
             # Noise depends on (seed, epoch, batch, process) only: a resumed run draws the same.
             key = np.random.SeedSequence([self.cfg.seed, epoch, b, self.acc.process_index])
             generator = torch.Generator(self.acc.device).manual_seed(int(key.generate_state(1)[0]))
             ro = rollout(self.adapter, chosen.prompts, rcfg, generator=generator)
-            job = self.executor.submit(self._score, ro, chosen.prompts, chosen.metadata)
-            rewards: Future = Future()
-            details: Future = Future()
-            job.add_done_callback(lambda j, r=rewards, d=details: _split_result(j, r, d))
-            batches.append(BatchSamples(chosen.prompts, chosen.metadata, ro, rewards, details))
+            batch = BatchSamples(chosen.prompts, chosen.metadata, ro, Future(), Future())
+            job = self.executor.submit(self.score_batch, ro, chosen.prompts, chosen.metadata)
+            job.add_done_callback(lambda j, b=batch: _split_result(j, b.rewards, b.details))
+            batches.append(batch)
         return EpochSamples(epoch, batches, time.perf_counter() - start)
 
-    def _score(self, ro: Rollout, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+    def score_batch(
+        self, ro: Rollout, prompts: list[str], metadata: list[dict]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """R [B, W+1] of one rollout batch, and the final images' reward components [B] each."""
         if ro.completion_images is not None:
             seq = reward_sequence(ro, prompts, metadata, self.reward_fn)
             return seq.R, {k: v[:, -1] for k, v in seq.details.items()}
@@ -247,7 +261,18 @@ class Trainer:
         return R.contiguous(), out.details
 
     def score(self, samples: EpochSamples) -> EpochScores:
-        """Wait for the rewards; rows with a non-finite reward anywhere are marked invalid."""
+        """Wait for the rewards; rows with a non-finite reward anywhere are marked invalid.
+
+        A batch whose scoring raised makes this call raise; calling again scores that batch
+        anew (an orchestrator's retry), keeping the rollouts.
+        """
+        for batch in samples.batches:
+            if batch.failed:
+                batch.rewards, batch.details = Future(), Future()
+                _split_result(_run_now(self.score_batch, batch.rollout, batch.prompts, batch.metadata), batch.rewards, batch.details)
+            if batch.rewards.exception() is not None:
+                batch.failed = True
+                raise batch.rewards.exception()
         R, valid, finals, invalid, detail_sums = [], [], [], 0, {}
         for batch in samples.batches:
             r = batch.rewards.result().to(self.acc.device)
@@ -459,39 +484,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> TrainResult:
-        """Train until ``train.epochs`` (or the time budget), evaluating every ``eval.every`` epochs."""
+    def fit(self, run_step: StepRunner = run_directly) -> TrainResult:
+        """Train until ``train.epochs`` (or the time budget), evaluating every ``eval.every`` epochs.
+
+        ``run_step(name, epoch, fn)`` runs each step (``fn()``) and returns its result; the
+        default calls it, an orchestrator runs it as a task (see ``flows/training.py``). Steps:
+        ``rollout``, ``score``, ``credit``, ``update``, ``evaluate``, ``checkpoint``, ``finalize``;
+        ``epoch`` counts from 1 (0: the base model's evaluation).
+        """
         t, e = self.cfg.train, self.cfg.eval
         started = time.perf_counter()
         self.tracker.log_params({**self.cfg.flat(), "variant": self.variant})
         if self.epoch == 0 and self.eval_initial is None:
-            self.eval_initial = self.evaluate(0).reward
+            self.eval_initial = run_step("evaluate", 0, lambda: self.evaluate(0)).reward
             self.tracker.log_metrics({"eval/reward": self.eval_initial}, step=0)
         last_eval: EvalResult | None = None
         while self.epoch < t.epochs:
-            epoch = self.epoch
-            samples = self.rollout(epoch)
-            scores = self.score(samples)
-            credit = self.credit(samples, scores)
-            update = self.update(samples, credit)
-            self.epoch = epoch + 1
-            row = {"epoch": float(self.epoch), "time/rollout_s": samples.seconds}
+            epoch = self.epoch + 1
+            samples = run_step("rollout", epoch, lambda: self.rollout(epoch - 1))
+            scores = run_step("score", epoch, lambda: self.score(samples))
+            credit = run_step("credit", epoch, lambda: self.credit(samples, scores))
+            update = run_step("update", epoch, lambda: self.update(samples, credit))
+            row = {"epoch": float(epoch), "time/rollout_s": samples.seconds}
             row |= scores.metrics | credit.metrics | update.metrics
+            del samples, scores, credit  # release the epoch's rollouts before evaluating
+            self.epoch = epoch
             minutes = self.minutes_before + (time.perf_counter() - started) / 60
             out_of_time = t.time_budget_minutes is not None and minutes >= t.time_budget_minutes
-            if self.epoch % e.every == 0 or self.epoch == t.epochs or out_of_time:
-                last_eval = self.evaluate(self.epoch)
+            if epoch % e.every == 0 or epoch == t.epochs or out_of_time:
+                last_eval = run_step("evaluate", epoch, lambda: self.evaluate(epoch))
                 row["eval/reward"] = last_eval.reward
                 row |= {f"eval/{k}": v for k, v in last_eval.details.items()}
             row["time/minutes"] = minutes
             self.history.append(row)
-            self.tracker.log_metrics(row, step=self.epoch)
-            if self.epoch % t.checkpoint_every == 0 or self.epoch == t.epochs or out_of_time:
-                self.save_checkpoint(minutes)
+            self.tracker.log_metrics(row, step=epoch)
+            if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
+                run_step("checkpoint", epoch, lambda: self.save_checkpoint(minutes))
             if out_of_time:
                 break
         if last_eval is None:
-            last_eval = self.evaluate(self.epoch)
+            last_eval = run_step("evaluate", self.epoch, lambda: self.evaluate(self.epoch))
         minutes = self.minutes_before + (time.perf_counter() - started) / 60
         result = TrainResult(
             run_dir=self.run_dir,
@@ -502,9 +534,7 @@ class Trainer:
             minutes=minutes,
             history=self.history,
         )
-        if self.is_main:
-            self._write_outputs(result)
-        self.acc.wait_for_everyone()
+        run_step("finalize", self.epoch, lambda: self.write_outputs(result))
         self.executor.shutdown()
         return result
 
@@ -581,6 +611,12 @@ class Trainer:
         self.eval_initial = ckpt.meta.get("eval_initial")
         self.minutes_before = float(ckpt.meta.get("minutes", 0.0))
 
+    def write_outputs(self, result: TrainResult) -> None:
+        """history.csv, metrics.json and the final EMA weights (main process); then a barrier."""
+        if self.is_main:
+            self._write_outputs(result)
+        self.acc.wait_for_everyone()
+
     def _write_outputs(self, result: TrainResult) -> None:
         _atomic_write(self.run_dir / "history.csv", _history_csv(result.history))
         metrics = {
@@ -614,6 +650,15 @@ class Trainer:
             shutil.rmtree(path)
         tmp.rename(path)
         return path
+
+
+def _run_now(fn: Callable[..., Any], *args: Any) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:  # delivered like a background failure
+        future.set_exception(exc)
+    return future
 
 
 def previous_run_id(run_dir: str | Path) -> str | None:
