@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 # The stages call `tpgrpo`, so the venv's bin directory goes first on PATH.
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Ablation report: reports/ablation.md (plots: reports/*.png); base model samples: reports/base_model.png"
+	@echo "Compare runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then open http://127.0.0.1:5000)"
 
 test: setup
 	$(BIN)/python -m pytest

@@ -180,6 +180,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         save_grid(result, out.with_suffix(".png"))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """Compare the variants' runs (runs/<variant>/metrics.json and history.csv): writes the
+    ablation table (reports/ablation.md, reports/ablation.json) and plots (reward per epoch,
+    turning-point rate per step); with --parent-run-id also logs them to that MLflow run."""
+    from tpgrpo.report import build_report
+
+    cfg = _config(args)
+    variants = args.variants or list(cfg.variants)
+    if not variants:
+        raise UserError(f"{args.params}: no variants to compare; define some under 'variants' or pass --variants")
+    report = build_report(
+        cfg.runs_dir,
+        variants,
+        args.out,
+        tracking_uri=cfg.tracking.uri if args.parent_run_id else None,
+        parent_run_id=args.parent_run_id,
+    )
+    print(report.markdown)
+    print(f"report: {report.markdown_path}; MLflow UI: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     """Validate params.yaml (with variant and overrides) and print the resolved configuration."""
     cfg = _config(args)
@@ -193,6 +214,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "pretrain": (cmd_pretrain, "train the embedded tiny SD3 base model"),
     "train": (cmd_train, "fine-tune one variant with GRPO (resumable)"),
     "evaluate": (cmd_evaluate, "evaluate the base model or a variant's trained weights"),
+    "report": (cmd_report, "compare the variants' runs: table and plots"),
     "check": (cmd_check, "validate params.yaml and print the resolved configuration"),
 }
 
@@ -212,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under (ablations)")
         if name == "pretrain":
             p.add_argument("--report", default="reports/base_model.json", help="metrics file (default: %(default)s)")
+        if name == "report":
+            p.add_argument("--variants", nargs="+", default=None, help="run names to compare (default: all variants)")
+            p.add_argument("--out", default="reports", help="output directory (default: %(default)s)")
+            p.add_argument("--parent-run-id", default=None, help="MLflow run to attach the report to")
         if name == "evaluate":
             p.add_argument("--out", default=None, help="write the result as JSON (and a sample grid beside it)")
     return parser
