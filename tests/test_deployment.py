@@ -1,0 +1,124 @@
+"""The user's path: a Prefect server, the flows served, `prefect deployment run tpgrpo/ablation`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
+    from mlflow import MlflowClient
+
+    from tpgrpo.models import save_pipeline
+    from tpgrpo.world import write_prompt_sets
+
+    save_pipeline(tiny_pipe, tmp_path / "base")
+    write_prompt_sets(tmp_path / "prompts", n_train=16, n_test=4, seed=0)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(runs_dir=str(tmp_path / "runs"))
+    params["model"].update(path=str(tmp_path / "base"), resolution=32)
+    params["data"].update(dir=str(tmp_path / "prompts"))
+    params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
+    params["train"].update(lora_rank=2)
+    params["eval"].update(num_steps=2)
+    params["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env, cwd=tmp_path, start_new_session=True,
+        stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    serve = None
+    try:
+        _wait(lambda: _healthy(api), 120, "Prefect server")
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve"], env=env, cwd=ROOT, start_new_session=True,
+            stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
+        )
+        _wait(
+            lambda: subprocess.run([PREFECT, "deployment", "inspect", "tpgrpo/ablation"], env=env, capture_output=True).returncode == 0,
+            120, "tpgrpo/ablation deployment",
+        )
+        run = subprocess.run(
+            [
+                PREFECT, "deployment", "run", "tpgrpo/ablation",
+                "--param", f"params_path={tmp_path / 'params.yaml'}",
+                "--param", 'variants=["flow_grpo", "tp_grpo"]',
+                "--param", "epochs=1",
+                "--param", f"reports_dir={tmp_path / 'reports'}",
+                "--watch",
+            ],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (logs / "serve.log").read_text()[-3000:]
+    finally:
+        for proc in (serve, server):
+            if proc is not None:
+                _stop(proc)
+
+    client = MlflowClient(params["tracking"]["uri"])
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id
+    runs = client.search_runs([experiment])
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(children) == {"flow_grpo", "tp_grpo"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in children.values()}
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert "| tp_grpo |" in (tmp_path / "reports" / "ablation.md").read_text()
