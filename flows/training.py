@@ -20,8 +20,6 @@ rollouts would hold every epoch's samples in memory. Tasks use ``cache_policy=NO
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, task
@@ -119,37 +117,25 @@ def train_variant(
         seed: overrides ``seed`` (sampling noise, LoRA init, prompt order, eval noise).
         restart: start from scratch instead of resuming.
     """
-    from accelerate import Accelerator
-
-    from tpgrpo.tracking import finishing, open_tracker, run_tags
-    from tpgrpo.trainer import Trainer, previous_run_id
+    from tpgrpo.trainer import train_variant_run
 
     base = load_config(params_path, variant=variant, overrides=list(overrides))
     name = run_name(variant, seed, base.seed)
     cfg = base if seed is None else load_config(params_path, variant=variant, overrides=[*overrides, f"seed={seed}"])
-    acc = Accelerator()
-    run_dir = Path(cfg.runs_dir) / name
-    if restart and current_flow_run.run_count <= 1 and acc.is_main_process and run_dir.exists():
-        shutil.rmtree(run_dir)
-    acc.wait_for_everyone()
-    tags = {**run_tags(variant), SEED_TAG: str(cfg.seed)}
+    tags = {SEED_TAG: str(cfg.seed)}
     if current_flow_run.id:
         tags[FLOW_RUN_TAG] = str(current_flow_run.id)
-    tracker = open_tracker(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        is_main_process=acc.is_main_process,
-        run_name=name,
-        run_id=previous_run_id(run_dir),
+    outcome = train_variant_run(
+        cfg,
+        name=name,
+        variant=variant,
+        # A retried flow run resumes from its checkpoint instead of starting over.
+        restart=restart and current_flow_run.run_count <= 1,
         parent_run_id=parent_run_id,
         tags=tags,
+        run_step=TaskSteps(),
     )
-    with finishing(tracker):
-        trainer = Trainer(cfg, variant=name, tracker=tracker, accelerator=acc)
-        try:
-            result = trainer.fit(TaskSteps())
-        finally:
-            trainer.executor.shutdown(wait=False, cancel_futures=True)
+    result = outcome.result
     return {
         "run_name": name,
         "variant": variant,
@@ -160,7 +146,7 @@ def train_variant(
         "eval_reward": result.eval_reward_final,
         "eval_details": dict(result.eval_details),
         "minutes": result.minutes,
-        "mlflow_run_id": tracker.run_id,
+        "mlflow_run_id": outcome.run_id,
     }
 
 

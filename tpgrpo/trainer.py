@@ -661,6 +661,63 @@ def _run_now(fn: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """A finished run: the trainer's result, the tracker run and whether this is the main process."""
+
+    result: TrainResult
+    run_id: str | None
+    is_main: bool
+
+
+def train_variant_run(
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    variant: str | None = None,
+    restart: bool = False,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    run_step: StepRunner = run_directly,
+) -> RunOutcome:
+    """Train one run end to end: clear it on ``restart``, open (or resume) its MLflow run, fit,
+    and close the run FINISHED (FAILED on an exception). The body of ``tpgrpo train`` and of the
+    Prefect training flow.
+
+    Args:
+        cfg: the experiment, overrides applied.
+        name: run name and directory under ``runs_dir``.
+        variant: the variant it trains (tag); default ``name``.
+        restart: discard ``<runs_dir>/<name>`` first instead of resuming.
+        parent_run_id: MLflow run to nest under (an ablation).
+        tags: extra MLflow tags.
+        run_step: how each step runs (see :meth:`Trainer.fit`).
+    """
+    from tpgrpo.tracking import finishing, open_tracker, run_tags
+
+    acc = Accelerator()
+    run_dir = Path(cfg.runs_dir) / name
+    if restart and acc.is_main_process and run_dir.exists():
+        shutil.rmtree(run_dir)
+    acc.wait_for_everyone()
+    tracker = open_tracker(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        is_main_process=acc.is_main_process,
+        run_name=name,
+        run_id=previous_run_id(run_dir),
+        parent_run_id=parent_run_id,
+        tags={**run_tags(variant or name), **(tags or {})},
+    )
+    with finishing(tracker):
+        trainer = Trainer(cfg, variant=name, tracker=tracker, accelerator=acc)
+        try:
+            result = trainer.fit(run_step)
+        finally:
+            trainer.executor.shutdown(wait=False, cancel_futures=True)
+    return RunOutcome(result, tracker.run_id, acc.is_main_process)
+
+
 def previous_run_id(run_dir: str | Path) -> str | None:
     """The tracker run of the newest checkpoint in ``run_dir`` (to continue it on resume)."""
     path = latest_checkpoint(Path(run_dir) / "checkpoints")
