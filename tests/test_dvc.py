@@ -75,6 +75,6 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     again = _run([*dvc, "repro"], repo, env)
     assert "Data and pipelines are up to date" in again, again
 
-    shown = json.loads(_run([*dvc, "metrics", "show", "--json"], repo, env))
-    text = json.dumps(shown)
-    assert all(f"runs/{v}/metrics.json" in text for v in variants)
+    for command in (["metrics", "show", "--json"], ["exp", "show", "--json"]):
+        text = _run([*dvc, *command], repo, env)
+        assert all(f"runs/{v}/metrics.json" in text for v in variants), command
