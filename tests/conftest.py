@@ -44,3 +44,35 @@ def pytest_configure(config):
     from tpgrpo.rewards import register_reward
 
     register_reward("brightness", brightness_reward, overwrite=True)
+
+
+def tiny_workspace(root, pipe, **sections):
+    """Write a tiny pipeline, prompt sets and a params file under ``root``; return the params path.
+
+    The params are the shipped params.yaml shrunk to seconds (3 steps, window 2, batches of 4 in
+    groups of 2, one batch per epoch, LoRA rank 2, MLflow in ``root``); ``sections`` update it,
+    e.g. ``train={"epochs": 1}``.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from tpgrpo.models import save_pipeline
+    from tpgrpo.world import write_prompt_sets
+
+    root = Path(root)
+    save_pipeline(pipe, root / "base")
+    write_prompt_sets(root / "prompts", n_train=16, n_test=4, seed=0)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params.update(runs_dir=str(root / "runs"))
+    params["model"].update(path=str(root / "base"), resolution=32)
+    params["data"].update(dir=str(root / "prompts"))
+    params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
+    params["train"].update(lora_rank=2)
+    params["eval"].update(num_steps=2)
+    params["tracking"].update(uri=f"sqlite:///{root / 'mlflow.db'}")
+    for name, values in sections.items():
+        params[name].update(values)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path

@@ -16,6 +16,8 @@ from tpgrpo.rewards import build_reward
 from tpgrpo.world import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import tiny_workspace  # noqa: E402
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -77,23 +79,8 @@ def test_dvc_stage_commands_are_tpgrpo_subcommands() -> None:
 
 def test_train_then_evaluate_through_the_cli(tmp_path: Path, tiny_pipe, capsys: pytest.CaptureFixture[str]) -> None:
     import mlflow
-    import yaml
 
-    from tpgrpo.models import save_pipeline
-    from tpgrpo.world import write_prompt_sets
-
-    save_pipeline(tiny_pipe, tmp_path / "base")
-    write_prompt_sets(tmp_path / "prompts", n_train=16, n_test=4, seed=0)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(runs_dir=str(tmp_path / "runs"))
-    params["model"].update(path=str(tmp_path / "base"), resolution=32)
-    params["data"].update(dir=str(tmp_path / "prompts"))
-    params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
-    params["train"].update(epochs=1, lora_rank=2)
-    params["eval"].update(num_steps=3)
-    params["reward"].update(name="brightness")
-    params["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_workspace(tmp_path, tiny_pipe, train={"epochs": 1}, eval={"num_steps": 3}, reward={"name": "brightness"})
 
     assert main(["train", "--params", str(tmp_path / "params.yaml"), "--variant", "flow_grpo"]) == 0
     assert "flow_grpo: 1 epochs" in capsys.readouterr().out

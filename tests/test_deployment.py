@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import tiny_workspace  # noqa: E402
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
@@ -54,20 +56,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
     from mlflow import MlflowClient
 
-    from tpgrpo.models import save_pipeline
-    from tpgrpo.world import write_prompt_sets
-
-    save_pipeline(tiny_pipe, tmp_path / "base")
-    write_prompt_sets(tmp_path / "prompts", n_train=16, n_test=4, seed=0)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(runs_dir=str(tmp_path / "runs"))
-    params["model"].update(path=str(tmp_path / "base"), resolution=32)
-    params["data"].update(dir=str(tmp_path / "prompts"))
-    params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
-    params["train"].update(lora_rank=2)
-    params["eval"].update(num_steps=2)
-    params["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = yaml.safe_load(tiny_workspace(tmp_path, tiny_pipe).read_text())
 
     api = f"http://127.0.0.1:{_free_port()}/api"
     env = {
