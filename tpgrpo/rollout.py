@@ -186,6 +186,15 @@ def _euler(velocity: Tensor, sample: Tensor, sigmas: Tensor, i: int) -> Tensor:
     return sde_step(velocity, sample, sigmas, i, noise_level=0.0).sample
 
 
+def _window_step(run: _Setup, cfg: RolloutConfig, velocity: Tensor, sample: Tensor, i: int):
+    """The SDE step at schedule index ``i`` inside the window, with its pre-drawn noise."""
+    return sde_step(
+        velocity, sample, run.sigmas, i,
+        noise_level=cfg.noise_level, sampler=cfg.sampler, log_prob_form=cfg.log_prob,
+        noise=run.noise[:, i - cfg.window_start],
+    )
+
+
 def _decode(adapter: ModelAdapter, latents: Tensor, micro: int | None) -> Tensor:
     chunk = micro or latents.shape[0]
     return torch.cat([adapter.decode(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)])
@@ -229,17 +238,12 @@ def rollout(
         v_main, v_branches = v[:B], v[B:]
         branches = _euler(v_branches, branches, run.sigmas, i)
         if s <= i < s + W:
-            k = i - s
             states.append(x)
             if cfg.completions:
                 # Completion of z_k starts here; its first velocity is the trajectory's.
                 branches = torch.cat([branches, _euler(v_main, x, run.sigmas, i)])
                 branch_prompts = torch.cat([branch_prompts, own])
-            step = sde_step(
-                v_main, x, run.sigmas, i,
-                noise_level=cfg.noise_level, sampler=cfg.sampler, log_prob_form=cfg.log_prob,
-                noise=run.noise[:, k],
-            )
+            step = _window_step(run, cfg, v_main, x, i)
             x = step.sample
             log_probs.append(step.log_prob)
         else:
@@ -279,11 +283,7 @@ def rollout_sequential(
         v = run.forward(x, run.timesteps[i], own)
         if s <= i < s + W:
             states.append(x)
-            step = sde_step(
-                v, x, run.sigmas, i,
-                noise_level=cfg.noise_level, sampler=cfg.sampler, log_prob_form=cfg.log_prob,
-                noise=run.noise[:, i - s],
-            )
+            step = _window_step(run, cfg, v, x, i)
             x = step.sample
             log_probs.append(step.log_prob)
         else:
