@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 from pydantic import Field
 
+from flows import require_api
 from flows.training import DEPLOYMENT_NAME, FLOW_NAME, FLOW_RUN_TAG, SEED_TAG, run_name, train_variant
 from tpgrpo.config import ExperimentConfig, load_config
 
@@ -380,7 +381,7 @@ def ablation(
 def main(argv: list[str] | None = None) -> None:
     """``python -m flows.ablation``: run the ablation flow from this shell (against the Prefect
     API of prefect.toml / PREFECT_API_URL); ``--local`` trains here even if a train deployment
-    is ready. Exit status 1 when a run failed."""
+    is ready. Exit status 1 when a run failed, 2 when the Prefect API does not answer."""
     import argparse
     import sys
 
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local", action="store_true", help="train in this process")
     parser.add_argument("--restart", action="store_true", help="discard existing run directories")
     args = parser.parse_args(argv)
+    require_api(parser.prog)
     state = ablation(
         variants=args.variants,
         seeds=args.seeds,

@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from prefect import serve
 
+    from flows import require_api
+
+    require_api(parser.prog)
     serve(*build_deployments(args.train_concurrency), limit=args.limit)
 
 

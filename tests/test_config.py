@@ -50,6 +50,15 @@ def test_reward_options_take_free_keys() -> None:
     assert config_from_dict(raw).reward.options == {"threshold": 0.3}
 
 
+def test_overrides_step_into_an_optional_section() -> None:
+    raw = apply_overrides({}, ["eval.reward.name=verifiable", "eval.reward.options.soft=true"])
+    assert raw == {"eval": {"reward": {"name": "verifiable", "options": {"soft": True}}}}
+    assert config_from_dict(raw).eval.reward.options == {"soft": True}
+    assert config_from_dict({}).eval.reward is None  # None: evaluation scores the training reward
+    with pytest.raises(ConfigError, match=r"unknown key 'eval.reward.nme'"):
+        apply_overrides({}, ["eval.reward.nme=verifiable"])
+
+
 def test_exponent_without_dot_is_a_float() -> None:
     assert parse_yaml("lr: 3e-4") == {"lr": 3e-4}
 

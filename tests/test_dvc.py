@@ -68,8 +68,10 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
         metrics = json.loads((repo / "runs" / variant / "metrics.json").read_text())
         assert metrics["epochs"] == 1 and 0.0 <= metrics["eval_reward"] <= 1.0
         assert (repo / "runs" / variant / "final" / "pytorch_lora_weights.safetensors").is_file()
+        exported = json.loads((repo / "runs" / variant / "eval.json").read_text())
+        assert exported["model"] == variant and 0.0 <= exported["reward"] <= 1.0
     table = (repo / "reports" / "ablation.md").read_text()
-    assert all(f"| {v} |" in table for v in variants)
+    assert all(f"| {v} |" in table for v in variants) and "exported weights" in table
     assert (repo / "reports" / "ablation.json").is_file()
 
     again = _run([*dvc, "repro"], repo, env)
@@ -77,4 +79,4 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
 
     for command in (["metrics", "show", "--json"], ["exp", "show", "--json"]):
         text = _run([*dvc, *command], repo, env)
-        assert all(f"runs/{v}/metrics.json" in text for v in variants), command
+        assert all(f"runs/{v}/metrics.json" in text and f"runs/{v}/eval.json" in text for v in variants), command

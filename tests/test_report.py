@@ -39,6 +39,7 @@ def runs(tmp_path: Path) -> Path:
     runs = tmp_path / "runs"
     _write_run(runs, "flow_grpo", base=0.40, final=0.45, rates=[0.0, 0.0, 0.0])
     _write_run(runs, "tp_grpo", base=0.40, final=0.52, rates=[0.25, 0.125, 0.0])
+    (runs / "tp_grpo" / "eval.json").write_text(json.dumps({"model": "tp_grpo", "reward": 0.5199, "prompts": 4}))
     (runs / "broken").mkdir()
     (runs / "broken" / "metrics.json").write_text("{not json")
     return runs
@@ -56,6 +57,8 @@ def test_table_markdown_json_and_plots(runs: Path, tmp_path: Path) -> None:
     assert table.loc["tp_grpo", "delta"] == pytest.approx(0.12)
     assert table.loc["tp_grpo", "eval_color"] == pytest.approx(0.62)
     assert table.loc["flow_grpo", "eval_count"] == pytest.approx(0.35)
+    assert table.loc["tp_grpo", "exported_reward"] == pytest.approx(0.5199)
+    assert table.loc["flow_grpo", "exported_reward"] != table.loc["flow_grpo", "exported_reward"]  # NaN: no eval.json
     assert table.loc["flow_grpo", "epochs"] == 2 and table.loc["flow_grpo", "minutes"] == pytest.approx(1.25)
     assert table.loc["incremental", "status"] == "failed" and "metrics.json" in table.loc["incremental", "reason"]
     assert table.loc["broken", "status"] == "failed" and "unreadable" in table.loc["broken", "reason"]
@@ -63,9 +66,10 @@ def test_table_markdown_json_and_plots(runs: Path, tmp_path: Path) -> None:
 
     text = report.markdown_path.read_text()
     assert text == report.markdown
-    assert "| variant | status | base reward | final eval reward | delta | color | count | epochs | minutes |" in text
-    assert "| tp_grpo | ok | 0.4000 | 0.5200 | +0.1200 | 0.6200 | 0.4200 | 2 | 1.25 |" in text
-    assert "| incremental | failed | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in text
+    assert "| variant | status | base reward | final eval reward | delta | color | count | exported weights | epochs | minutes |" in text
+    assert "| tp_grpo | ok | 0.4000 | 0.5200 | +0.1200 | 0.6200 | 0.4200 | 0.5199 | 2 | 1.25 |" in text
+    assert "| flow_grpo | ok | 0.4000 | 0.4500 | +0.0500 | 0.5500 | 0.3500 | n/a | 2 | 1.25 |" in text
+    assert "| incremental | failed | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in text
     assert "- `incremental`: no " in text and "- `broken`: " in text
 
     data = json.loads(report.json_path.read_text())

@@ -15,6 +15,7 @@ from PIL import ImageFilter
 
 from tpgrpo import rewards, world
 from tpgrpo.rewards import RewardOutput, available_rewards, build_reward, register_reward
+from tpgrpo.rewards.verifiable import VerifiableReward
 from tpgrpo.world import ObjectSpec, PromptSpec
 
 NAN = math.nan
@@ -52,7 +53,7 @@ def test_unknown_reward_lists_available() -> None:
 def test_unknown_option_is_named() -> None:
     with pytest.raises(TypeError, match=r"unknown option\(s\) 'colour_threshold' for reward 'verifiable'; valid: color_threshold"):
         build_reward("verifiable", colour_threshold=20)
-    with pytest.raises(ValueError, match="min_area_frac must be > 0"):
+    with pytest.raises(ValueError, match="min_area_frac must be a number > 0"):
         build_reward("verifiable", min_area_frac=0)
     assert build_reward("verifiable", color_threshold=25.0).color_threshold == 25.0
 
@@ -265,3 +266,79 @@ def test_speed(reward) -> None:
     reward(*args)
     per_image = (time.perf_counter() - start) / len(specs)
     assert per_image < 0.02, f"{per_image * 1000:.1f} ms per 64x64 image"
+
+
+# ---------------------------------------------------------------- soft (graded) credit
+
+_INDEX = {name: i for i, name in enumerate(world.PALETTE)}
+
+
+def _labels(size: int = 32) -> np.ndarray:
+    return np.full((size, size), _INDEX["gray"], np.int64)
+
+
+def _position_spec(relation: str) -> PromptSpec:
+    return PromptSpec("position", (ObjectSpec("red", "square"), ObjectSpec("blue", "square")), relation=relation)
+
+
+def test_soft_position_is_a_logistic_of_the_centroid_lead() -> None:
+    labels = _labels()
+    labels[10:16, 4:10] = _INDEX["red"]  # centroid x = 7.0
+    labels[10:16, 10:16] = _INDEX["blue"]  # centroid x = 13.0
+    soft, strict = VerifiableReward(soft=True), VerifiableReward()
+    # lead 6 px over a scale of 0.05 * 32 = 1.6 px
+    assert soft.check(labels, _position_spec("left_of"))["position"] == [pytest.approx(1 / (1 + math.exp(-3.75)))]
+    assert soft.check(labels, _position_spec("right_of"))["position"] == [pytest.approx(1 / (1 + math.exp(3.75)))]
+    assert strict.check(labels, _position_spec("left_of"))["position"] == [1.0]
+    assert strict.check(labels, _position_spec("right_of"))["position"] == [0.0]
+    # 6x6 squares: the ideal circle in a 6x6 box covers all but the 4 corner pixels, IoU 32/36,
+    # so the square's lead of 4/36 earns 0.5 + (4/36) / 0.4 of the shape credit
+    assert soft.check(labels, _position_spec("left_of"))["shape"] == [pytest.approx(0.5 + 4 / 36 / 0.4)] * 2
+
+
+def test_soft_count_colour_and_shape_credit() -> None:
+    soft = VerifiableReward(soft=True)
+    labels = _labels()
+    yy, xx = np.mgrid[0:8, 0:8]
+    disc = (xx + 0.5 - 4) ** 2 + (yy + 0.5 - 4) ** 2 <= 16  # the reward's ideal circle in an 8x8 box
+    labels[4:12, 4:12][disc] = _INDEX["red"]
+    two = PromptSpec("counting", (ObjectSpec("red", "circle", 2),))
+    # circle IoU 1 leads the square's (the disc's share of its box) by less than the 0.2 margin
+    shape = 0.5 + (1 - disc.sum() / 64) / 0.4
+    assert soft.check(labels, two) == {
+        "color": [1.0], "count": [0.5], "shape": [pytest.approx(shape)], "position": [], "background": [],
+    }
+    assert VerifiableReward().check(labels, two)["count"] == [0.0]
+    # three scattered yellow pixels: no object (no 3x3 core), colour credit 3 / (0.03 * 32 * 32)
+    labels[20, 20] = labels[22, 25] = labels[28, 3] = _INDEX["yellow"]
+    yellow = PromptSpec("single", (ObjectSpec("yellow", "triangle"),))
+    got = soft.check(labels, yellow)
+    assert got["color"] == [pytest.approx(3 / 30.72)] and got["count"] == [0.0] and got["shape"] == [0.0]
+    assert VerifiableReward().check(labels, yellow)["color"] == [0.0]
+    # an 8x8 square where a circle is asked: circle IoU (the disc's share) trails the square's 1
+    labels = _labels()
+    labels[4:12, 4:12] = _INDEX["red"]
+    circle = PromptSpec("single", (ObjectSpec("red", "circle"),))
+    assert soft.check(labels, circle)["shape"] == [pytest.approx(0.5 + (disc.sum() / 64 - 1) / 0.4)]
+
+
+def test_soft_background_is_the_frame_share() -> None:
+    labels = _labels()
+    labels[10:16, 10:16] = _INDEX["red"]
+    frame = np.ones(labels.shape, bool)
+    frame[1:-1, 1:-1] = False  # width round(0.03 * 32) = 1: 124 pixels
+    rows, cols = np.nonzero(frame)
+    labels[rows[:50], cols[:50]] = _INDEX["white"]
+    spec = PromptSpec("single", (ObjectSpec("red", "square"),), background="white")
+    assert VerifiableReward(soft=True).check(labels, spec)["background"] == [pytest.approx(100 / 124)]
+    assert VerifiableReward().check(labels, spec)["background"] == [0.0]  # the frame is mostly gray
+
+
+def test_soft_scores_rank_ground_truth_above_wrong_images() -> None:
+    soft = build_reward("verifiable", soft=True)
+    specs = mixed_specs(12, seed=3)
+    images = to_batch(world.render(s, 64, i).filter(ImageFilter.GaussianBlur(1.0)) for i, s in enumerate(specs))
+    right = soft(images, [s.prompt for s in specs], [s.to_dict() for s in specs]).scores
+    shifted = specs[1:] + specs[:1]
+    wrong = soft(images, [s.prompt for s in shifted], [s.to_dict() for s in shifted]).scores
+    assert right.mean() > 0.9 and (right > wrong).float().mean() > 0.9

@@ -9,7 +9,7 @@ import torch
 
 from tpgrpo.models import load_adapter
 from tpgrpo.rewards import RewardOutput
-from tpgrpo.rollout import RolloutConfig, rollout, rollout_sequential
+from tpgrpo.rollout import RolloutConfig, completion_grid, rollout, rollout_sequential
 from tpgrpo.scoring import reward_sequence
 
 PROMPTS = ["a red circle", "two blue squares", "a red circle"]
@@ -126,3 +126,148 @@ def test_bad_input(tiny_pipe) -> None:
     no_completions = rollout(tiny_pipe, PROMPTS[:1], RolloutConfig(num_steps=2, window_size=1, completions=False))
     with pytest.raises(ValueError, match="completions=True"):
         reward_sequence(no_completions, PROMPTS[:1], [{}], lambda *a: None)
+
+
+# --- completion estimators (one_step, coarse) ------------------------------------------------
+
+WINDOW_1_4 = RolloutConfig(num_steps=6, window_start=1, window_size=4, sampler="cps", guidance_scale=2.0)
+
+
+def _estimator(cfg: RolloutConfig, completion: str, steps: int = 2) -> RolloutConfig:
+    return dataclasses.replace(cfg, completion=completion, completion_steps=steps)
+
+
+def _pair(tiny_pipe, a: RolloutConfig, b: RolloutConfig, seed: int, fn_b=rollout):
+    """Rollouts under two configs from the same x_T and SDE noise."""
+    x_T = _x_T(tiny_pipe, len(PROMPTS), seed=seed)
+    return (
+        rollout(tiny_pipe, PROMPTS, a, latents=x_T, generator=torch.Generator().manual_seed(seed)),
+        fn_b(tiny_pipe, PROMPTS, b, latents=x_T, generator=torch.Generator().manual_seed(seed)),
+    )
+
+
+def test_completion_grid_by_hand() -> None:
+    cfg = RolloutConfig(num_steps=10, window_size=9, completion="coarse", completion_steps=4)
+    assert completion_grid(cfg, 0) == [0, 2, 5, 7, 10]  # 10 steps left: l * 10 // 4
+    assert completion_grid(cfg, 1) == [1, 3, 5, 7, 10]  # 9 left: steps of 2, 2, 2, 3
+    assert completion_grid(cfg, 8) == [8, 9, 10]  # fewer left than completion_steps: all of them
+    assert completion_grid(_estimator(cfg, "one_step"), 3) == [3, 10]
+    assert completion_grid(_estimator(cfg, "ode"), 7) == [7, 8, 9, 10]
+
+
+def test_one_step_completion_is_z_minus_sigma_v(tiny_pipe) -> None:
+    cfg = _estimator(WINDOW_1_4, "one_step")
+    ro, ode = _pair(tiny_pipe, cfg, WINDOW_1_4, seed=6)
+    adapter = load_adapter(tiny_pipe)
+    B, W = len(PROMPTS), cfg.window_size
+    for k in range(W):
+        z = ro.latents[:, k]
+        with torch.no_grad():
+            v = adapter.velocity(z, ro.timesteps[k], ro.embeds, cfg.guidance_scale)
+            expected = adapter.decode(z - ro.sigmas[ro.step_indices[k]] * v)
+        torch.testing.assert_close(ro.completion_images[:, k], expected, rtol=0, atol=1e-5)
+    assert torch.equal(ro.completion_images[:, W], ro.images)
+    # Free: the trajectories' N forwards and nothing else.
+    assert ro.stats.completion_rows == 0
+    assert ro.stats.passes == cfg.num_steps and ro.stats.rows == cfg.num_steps * B * 2
+    # The same trajectories as with ODE completions, whose images it only estimates.
+    torch.testing.assert_close(ro.latents, ode.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ro.log_probs, ode.log_probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ro.images, ode.images, rtol=0, atol=1e-5)
+    assert (ro.completion_images[:, 0] - ode.completion_images[:, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [5, 100], ids=["steps-left-of-z0", "more"])
+def test_coarse_with_every_remaining_step_is_the_ode_completion(tiny_pipe, steps: int) -> None:
+    coarse, ode = _pair(tiny_pipe, _estimator(WINDOW_1_4, "coarse", steps), WINDOW_1_4, seed=7)
+    assert torch.equal(coarse.completion_images, ode.completion_images)
+    assert coarse.stats == ode.stats
+
+
+def test_coarse_with_one_step_is_one_step(tiny_pipe) -> None:
+    coarse, one = _pair(tiny_pipe, _estimator(WINDOW_1_4, "coarse", 1), _estimator(WINDOW_1_4, "one_step"), seed=8)
+    assert torch.equal(coarse.completion_images, one.completion_images)
+    assert coarse.stats == one.stats
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RolloutConfig(num_steps=7, window_start=0, window_size=5, sampler="cps", guidance_scale=2.0,
+                      completion="coarse", completion_steps=3),
+        RolloutConfig(num_steps=6, window_start=1, window_size=3, sampler="sde", guidance_scale=1.0,
+                      completion="coarse", completion_steps=2, micro_batch_size=4),
+        RolloutConfig(num_steps=5, window_start=0, window_size=4, sampler="cps", guidance_scale=2.0,
+                      completion="one_step"),
+    ],
+    ids=["coarse3-cfg-s0", "coarse2-nocfg-s1-microbatch", "one-step"],
+)
+def test_estimators_lockstep_equal_sequential(tiny_pipe, cfg: RolloutConfig) -> None:
+    a, b = _pair(tiny_pipe, cfg, cfg, seed=1, fn_b=rollout_sequential)
+    torch.testing.assert_close(a.completion_images, b.completion_images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.images, a.completion_images[:, cfg.window_size])
+    B, N, s = len(PROMPTS), cfg.num_steps, cfg.window_start
+    cfg_rows = 2 if cfg.guidance_scale > 1 else 1
+    steps = [len(completion_grid(cfg, s + k)) - 1 for k in range(cfg.window_size)]
+    # Lockstep reuses each first velocity and rides on the trajectory's forwards; the
+    # sequential reference pays every step of every completion.
+    assert a.stats.completion_rows == sum(n - 1 for n in steps) * B * cfg_rows
+    assert b.stats.completion_rows == sum(steps) * B * cfg_rows
+    assert a.stats.rows == N * B * cfg_rows + a.stats.completion_rows
+    if cfg.micro_batch_size is None:
+        assert a.stats.passes == N
+
+
+@pytest.mark.parametrize("completion,steps", [("one_step", 1), ("coarse", 2), ("coarse", 5)])
+def test_noise_level_zero_invariants_hold_for_every_estimator(tiny_pipe, completion: str, steps: int) -> None:
+    # The window runs to the end, so z_{W-1} has one step left and every estimator is exact there.
+    cfg = RolloutConfig(num_steps=6, window_start=1, window_size=5, noise_level=0.0, guidance_scale=2.5,
+                        completion=completion, completion_steps=steps)
+    ro, ode = _pair(tiny_pipe, cfg, _estimator(cfg, "ode"), seed=4)
+    expected = tiny_pipe(
+        PROMPTS,
+        latents=_x_T(tiny_pipe, len(PROMPTS), seed=4),
+        num_inference_steps=6,
+        guidance_scale=2.5,
+        output_type="pt",
+        max_sequence_length=load_adapter(tiny_pipe).max_sequence_length,
+    ).images
+    torch.testing.assert_close(ro.images, expected, rtol=0, atol=1e-5)
+    assert torch.equal(ro.log_probs, torch.zeros(len(PROMPTS), 5))
+    assert torch.equal(ro.completion_images[:, -1], ro.images)
+    torch.testing.assert_close(ro.latents, ode.latents, rtol=0, atol=1e-5)
+    # Without noise the ODE completion of every z_k is the final image; an estimator that takes
+    # all the steps left (here: at least the last state's) is that completion.
+    exact = [k for k in range(cfg.window_size) if len(completion_grid(cfg, 1 + k)) - 1 == cfg.num_steps - 1 - k]
+    assert exact and exact[-1] == cfg.window_size - 1
+    for k in exact:
+        torch.testing.assert_close(ro.completion_images[:, k], expected, rtol=0, atol=1e-5)
+
+
+def test_bad_estimator_options() -> None:
+    with pytest.raises(ValueError, match="completion: expected one of"):
+        RolloutConfig(completion="two_step")
+    with pytest.raises(ValueError, match="completion_steps"):
+        RolloutConfig(completion="coarse", completion_steps=0)
+    with pytest.raises(ValueError, match="start"):
+        completion_grid(RolloutConfig(num_steps=4, window_size=2), 4)
+
+
+def test_sample_section_sets_the_estimator_of_the_trainers_rollouts() -> None:
+    from types import SimpleNamespace
+
+    from tpgrpo.config import ConfigError, config_from_dict
+    from tpgrpo.trainer import Trainer
+
+    cfg = config_from_dict({"sample": {"completion": "coarse", "completion_steps": 3}})
+    # rollout_config reads only the config and the process role: no model needed.
+    rcfg = Trainer.rollout_config(SimpleNamespace(cfg=cfg, is_main=False))
+    assert (rcfg.completion, rcfg.completion_steps, rcfg.completions) == ("coarse", 3, True)
+    default = Trainer.rollout_config(SimpleNamespace(cfg=config_from_dict({}), is_main=False))
+    assert (default.completion, default.completion_steps) == ("ode", 2)
+    with pytest.raises(ConfigError, match="sample.completion_steps: input should be greater than or equal to 1"):
+        config_from_dict({"sample": {"completion": "coarse", "completion_steps": 0}})
+    with pytest.raises(ConfigError, match="sample.completion: input should be 'ode', 'one_step' or 'coarse'"):
+        config_from_dict({"sample": {"completion": "two_step"}})

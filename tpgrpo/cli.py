@@ -12,12 +12,19 @@ from typing import Callable, Sequence
 
 import yaml
 
-from tpgrpo.config import ExperimentConfig, load_config
+from tpgrpo.config import ExperimentConfig, load_config, read_yaml_mapping
 from tpgrpo.errors import UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="experiment file (default: %(default)s)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        metavar="FILE",
+        help="params override file merged over --params before --variant and --set, "
+        "e.g. configs/presets/sd35m_pickscore.yaml",
+    )
     parser.add_argument("--variant", default=None, help="apply the overrides of this entry under 'variants'")
     parser.add_argument(
         "--set",
@@ -30,7 +37,37 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.params, variant=args.variant, overrides=args.overrides)
+    return load_config(args.params, preset=args.preset, variant=args.variant, overrides=args.overrides)
+
+
+def _require_model(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Fail before a run is opened (and logged as failed) when model.path is not a directory,
+    naming the input that set it (presets ship placeholder paths), or holds another model.family."""
+    from tpgrpo.models import check_family
+
+    path = Path(cfg.model.path)
+    if not path.is_dir():
+        raise UserError(
+            f"model.path: {path}: no such pipeline directory (set by {_origin(args, cfg, 'model.path')}; "
+            "override with --set model.path=DIR)"
+        )
+    check_family(path, cfg.model.family)
+
+
+def _origin(args: argparse.Namespace, cfg: ExperimentConfig, dotted: str) -> str:
+    """The input that gave ``dotted`` its value: the last of --set, --variant, --preset and
+    --params that sets it (--params also when none does: the schema default)."""
+    if any(item.partition("=")[0].strip() == dotted for item in args.overrides):
+        return f"--set {dotted}"
+    if args.variant is not None and dotted in (cfg.variants.get(args.variant) or {}):
+        return f"--variant {args.variant}"
+    if args.preset is not None:
+        node: object = read_yaml_mapping(args.preset, "preset")
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return str(args.preset)
+    return str(args.params)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -99,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from tpgrpo.trainer import train_variant_run
 
     cfg = _config(args)
+    _require_model(cfg, args)
     variant = args.variant or "default"
     outcome = train_variant_run(cfg, name=variant, restart=args.restart, parent_run_id=args.parent_run_id)
     result = outcome.result
@@ -112,26 +150,31 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate the base model (no --variant) or a variant's trained weights (runs/<variant>/final)
-    on the test prompts with ODE sampling (eval.num_steps, eval.guidance_scale).
+    on the test prompts with ODE sampling (eval.num_steps, eval.guidance_scale), on the GPU when
+    there is one, in model.dtype and with the model's memory options.
 
     Prints the mean reward and its per-constraint means; --out writes them as JSON, and a sample
     grid is written beside it.
     """
     import json
 
+    import torch
+
     from tpgrpo.data import load_prompt_set
     from tpgrpo.evaluate import evaluate_prompts, save_grid
-    from tpgrpo.models import load_adapter, load_pipeline
-    from tpgrpo.rewards import build_reward
+    from tpgrpo.trainer import load_model
 
     cfg = _config(args)
-    pipe = load_pipeline(cfg.model.path)
+    _require_model(cfg, args)
+    adapter = load_model(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    pipe = adapter.pipe
     if args.variant:
         final = Path(cfg.runs_dir) / args.variant / "final"
         if not final.is_dir():
             raise UserError(f"{final}: no trained weights; run `tpgrpo train --variant {args.variant}` first")
         if (final / "transformer").is_dir():
-            pipe.transformer = type(pipe.transformer).from_pretrained(final / "transformer")
+            base = pipe.transformer
+            pipe.transformer = type(base).from_pretrained(final / "transformer", dtype=base.dtype).to(base.device)
         else:
             # The transformer's own loader: the run has no text-encoder LoRA to look for.
             pipe.transformer.load_lora_adapter(
@@ -141,9 +184,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if cfg.eval.num_prompts is not None:
         test = test.take(list(range(min(cfg.eval.num_prompts, len(test)))))
     result = evaluate_prompts(
-        load_adapter(pipe),
+        adapter,
         test,
-        build_reward(cfg.reward.name, **cfg.reward.options),
+        cfg.eval.build_reward(cfg.reward),
         num_steps=cfg.eval.num_steps,
         guidance_scale=cfg.eval.guidance_scale,
         batch_size=cfg.eval.batch_size,
@@ -187,7 +230,8 @@ def cmd_check(args: argparse.Namespace) -> None:
     cfg = _config(args)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     variants = ", ".join(cfg.variants) or "none"
-    print(f"# {args.params}: valid; variants: {variants}", file=sys.stderr)
+    source = args.params if args.preset is None else f"{args.params} + {args.preset}"
+    print(f"# {source}: valid; variants: {variants}", file=sys.stderr)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {

@@ -11,14 +11,18 @@ directly or collected under a named variant in the ``variants`` section.
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tpgrpo.credit import CreditConfig
 from tpgrpo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tpgrpo.rewards import RewardFunction
 
 
 class _Loader(yaml.SafeLoader):
@@ -50,12 +54,20 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    """The base pipeline: a diffusers directory or hub id."""
+    """The base pipeline: a diffusers directory or hub id.
+
+    ``family`` must match the pipeline's class (``sd3``: StableDiffusion3Pipeline, ``flux``:
+    FluxPipeline). ``offload_text_encoders`` / ``offload_vae``: keep those modules in CPU memory
+    and move them to the accelerator only while they encode prompts / decode latents (no-ops on a
+    CPU-only machine).
+    """
 
     path: str = "models/base"
     family: Literal["sd3", "flux"] = "sd3"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     resolution: int = Field(64, ge=16, multiple_of=16)
+    offload_text_encoders: bool = False
+    offload_vae: bool = False
 
 
 class DataSection(_Section):
@@ -123,7 +135,13 @@ class PretrainSection(_Section):
 
 
 class SampleSection(_Section):
-    """Rollouts: the sampler, its SDE window and the GRPO groups."""
+    """Rollouts: the sampler, its SDE window and the GRPO groups.
+
+    ``cache_text_embeddings``: keep the embeddings of up to ``text_embedding_cache_size``
+    distinct prompts in CPU memory and reuse them (see :mod:`tpgrpo.models.managed`).
+    ``completion`` / ``completion_steps``: how the intermediate states are completed to the
+    images TP-GRPO scores (see :class:`tpgrpo.rollout.RolloutConfig`).
+    """
 
     num_steps: int = Field(10, ge=1)
     window_start: int = Field(0, ge=0)
@@ -132,10 +150,14 @@ class SampleSection(_Section):
     sampler: Literal["sde", "cps"] = "cps"
     log_prob: Literal["gaussian", "unnormalized"] | None = None
     guidance_scale: float = Field(2.0, ge=1.0)
+    completion: Literal["ode", "one_step", "coarse"] = "ode"
+    completion_steps: int = Field(2, ge=1, description="Euler steps of a coarse completion")
     batch_size: int = Field(16, ge=1, description="trajectories per rollout batch, summed over processes")
     group_size: int = Field(4, ge=2, description="trajectories per prompt (the GRPO group)")
     batches_per_epoch: int = Field(2, ge=1)
     micro_batch_size: int | None = Field(None, ge=1, description="rows per transformer forward; None = all")
+    cache_text_embeddings: bool = Field(False, description="keep each distinct prompt's embeddings (on CPU)")
+    text_embedding_cache_size: int = Field(1024, ge=1, description="prompts kept, least recently used dropped")
 
     @model_validator(mode="after")
     def _check(self) -> "SampleSection":
@@ -181,7 +203,14 @@ class AdvantageSection(_Section):
 
 
 class TrainSection(_Section):
-    """The policy update."""
+    """The policy update.
+
+    ``mixed_precision``: accelerate's autocast for every transformer forward (rollouts, update,
+    evaluation alike, so old and new log-probs come from the same arithmetic); the trainable
+    weights are then kept in float32. ``gradient_checkpointing``: recompute the transformer
+    blocks' activations in the backward pass instead of storing them (same gradients, less
+    memory, one more forward).
+    """
 
     epochs: int = Field(20, ge=1)
     time_budget_minutes: float | None = Field(None, gt=0.0)
@@ -198,23 +227,82 @@ class TrainSection(_Section):
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     ema_decay: float | None = Field(0.9, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="accelerate's autocast; None = the accelerate launch setting ('no' without one)"
+    )
+    gradient_checkpointing: bool = False
 
 
 class RewardSection(_Section):
-    """The reward, by registry name, with its options."""
+    """The reward, by registry name, with its options; or a weighted sum of rewards.
+
+    Weighted sum: ``name: multi``, ``weights: {pickscore: 1.0, ocr: 0.5}`` and, per reward,
+    ``options: {pickscore: {path: ...}}`` (rewards without an entry take their defaults).
+    ``weights`` is a mapping rather than optional so that dotted overrides reach into it
+    (``reward.weights.ocr=0.5``), as they do into ``options``; empty means a single reward.
+    """
 
     name: str = "verifiable"
     options: dict[str, Any] = Field(default_factory=dict)
+    weights: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_name(self) -> "RewardSection":
+        # At load time, like every other value: not after the model loaded and a run was opened.
+        from tpgrpo.rewards import available_rewards
+
+        if self.name not in available_rewards():
+            raise ValueError(f"name: unknown reward {self.name!r}; available: {', '.join(available_rewards())}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "RewardSection":
+        from tpgrpo.rewards import available_rewards
+
+        if self.name != "multi":
+            if self.weights:
+                raise ValueError(f"name: expected multi when weights are given, got {self.name!r}")
+            return self
+        if not self.weights:
+            raise ValueError("weights: expected at least one reward when name is multi, e.g. {pickscore: 1.0}")
+        for name in self.weights:
+            if name not in available_rewards():
+                raise ValueError(f"weights.{name}: unknown reward {name!r}; available: {', '.join(available_rewards())}")
+        for name, options in self.options.items():
+            if name not in self.weights:
+                raise ValueError(f"options.{name}: {name!r} has no weight (weights: {', '.join(self.weights)})")
+            if not isinstance(options, dict):
+                raise ValueError(f"options.{name}: expected a mapping of the reward's options, got {options!r}")
+        return self
+
+    def build(self) -> RewardFunction:
+        """The reward function: registry reward ``name`` with ``options`` as keyword arguments, or
+        for ``multi`` the weighted sum (:mod:`tpgrpo.rewards.multi`)."""
+        from tpgrpo.rewards import build_reward
+
+        if self.name == "multi":
+            return build_reward("multi", weights=self.weights, options=self.options)
+        return build_reward(self.name, **self.options)
 
 
 class EvalSection(_Section):
-    """ODE evaluation on the test prompts."""
+    """ODE evaluation on the test prompts.
+
+    ``reward``: what the evaluation scores, when it is not the training reward (None) — e.g.
+    training on the verifiable reward's graded (``soft``) form and reporting its strict,
+    GenEval-style accuracy.
+    """
 
     every: int = Field(5, ge=1)
     num_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(2.0, ge=1.0)
     num_prompts: int | None = Field(None, ge=1, description="None = the whole test set")
     batch_size: int = Field(32, ge=1)
+    reward: RewardSection | None = None
+
+    def build_reward(self, training: RewardSection) -> RewardFunction:
+        """The evaluation's reward function: ``reward``, or the training reward when None."""
+        return (self.reward or training).build()
 
 
 class TrackingSection(_Section):
@@ -268,8 +356,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Seque
         for i, part in enumerate(parts):
             path = ".".join(parts[: i + 1])
             if model is None or part not in model.model_fields:
-                raise ConfigError(f"override {dotted!r}: unknown key {path!r}")
-            annotation = model.model_fields[part].annotation
+                raise ConfigError(f"override {dotted!r}: unknown key {path!r}{_expected_keys(model)}")
+            annotation = _unwrap_optional(model.model_fields[part].annotation)
             is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
             is_mapping = get_origin(annotation) is dict
             if i == len(parts) - 1:
@@ -292,9 +380,19 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Seque
     return out
 
 
+def _unwrap_optional(annotation: Any) -> Any:
+    """``Section | None`` -> ``Section``: an optional section (``eval.reward``) is still a section
+    that dotted overrides step into."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
 def load_config(
     path: str | Path = "params.yaml",
     *,
+    preset: str | Path | None = None,
     variant: str | None = None,
     overrides: Mapping[str, Any] | Sequence[str] = (),
 ) -> ExperimentConfig:
@@ -302,24 +400,70 @@ def load_config(
 
     Args:
         path: the params file.
-        variant: a name under ``variants`` whose overrides are applied first.
+        preset: a params override file (``configs/presets/*.yaml``) merged over it first (see
+            :func:`merge_preset`).
+        variant: a name under ``variants`` whose overrides are applied next.
         overrides: further dotted overrides, applied last.
 
     Raises:
-        ConfigError: one line naming the file and the first offending field.
+        ConfigError: one line naming the file (params, preset, or both for a merged value that
+            is invalid) and the first offending field.
     """
+    path = Path(path)
+    raw = read_yaml_mapping(path, "params")
+    source = str(path)
+    if preset is not None:
+        preset = Path(preset)
+        preset_raw = read_yaml_mapping(preset, "preset")
+        try:
+            raw = merge_preset(raw, preset_raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{preset}: {exc}") from None
+        source = f"{path} + {preset}"
+    return config_from_dict(raw, source=source, variant=variant, overrides=overrides, base_dir=path.parent)
+
+
+def read_yaml_mapping(path: str | Path, kind: str) -> dict[str, Any]:
+    """The top-level mapping of a params or preset file (``kind`` names it in errors)."""
     path = Path(path)
     try:
         raw = parse_yaml(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
+        raise ConfigError(f"{path}: {kind} file not found") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(raw, source=str(path), variant=variant, overrides=overrides, base_dir=path.parent)
+    return raw
+
+
+def merge_preset(raw: Mapping[str, Any], preset: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``preset`` merged over it: sections merge key by key, everything else —
+    values and free-form mappings (``reward.options``, ``reward.weights``, ``variants``) — is
+    replaced whole, so a preset's reward never inherits options meant for another reward and
+    a preset with ``variants`` defines exactly its own.
+
+    Raises:
+        ConfigError: a preset key the schema does not have, by dotted name.
+    """
+    return _merge(raw, preset, ExperimentConfig, "")
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any], model: type[BaseModel], prefix: str) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if key not in model.model_fields:
+            raise ConfigError(f"{dotted}: unknown key{_expected_keys(model)}")
+        annotation = model.model_fields[key].annotation
+        child = out.get(key)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
+            out[key] = _merge(child if isinstance(child, Mapping) else {}, value, annotation, dotted + ".")
+        else:
+            out[key] = _deep_copy(value)
+    return out
 
 
 def config_from_dict(
@@ -371,7 +515,7 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key{_expected_keys(_section_at(err['loc'][:-1]))}"
     if err["type"] == "value_error":
         # Cross-field checks name their field first ("window_size: expected ...").
         field, _, rest = err["msg"].removeprefix("Value error, ").partition(": ")
@@ -379,6 +523,22 @@ def _first_error(exc: ValidationError) -> str:
     got = err.get("input")
     got_text = "" if isinstance(got, dict) else f", got {got!r}"
     return f"{loc or '(top level)'}: {err['msg'].lower()}{got_text}"
+
+
+def _expected_keys(model: type[BaseModel] | None) -> str:
+    """``"; expected one of: a, b"``: the keys a section has, for an unknown-key message."""
+    return f"; expected one of: {', '.join(model.model_fields)}" if model is not None else ""
+
+
+def _section_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The schema section at a validation error's location (``("sample",)``), or None."""
+    model: Any = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _unwrap_optional(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 def _parse_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[str, Any]]:

@@ -25,3 +25,12 @@ class UnknownRewardError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or was written by a different number of processes."""
+
+
+class RewardError(UserError, RuntimeError):
+    """The reward function raised while scoring rollouts (a broken scorer, an unreachable reward
+    server); the run stops, its checkpoints intact, and resumes when started again."""
+
+
+class TrackingError(UserError, RuntimeError):
+    """The MLflow tracking store cannot be created or written."""

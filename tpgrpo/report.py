@@ -1,10 +1,12 @@
 """The ablation comparison: one table and two plots from the variants' run directories.
 
-Reads, for every variant, ``<runs_dir>/<variant>/metrics.json`` (written when a run finishes) and
-``<runs_dir>/<variant>/history.csv`` (one row per epoch), and writes to ``out_dir``:
+Reads, for every variant, ``<runs_dir>/<variant>/metrics.json`` (written when a run finishes),
+``<runs_dir>/<variant>/history.csv`` (one row per epoch) and, when present,
+``<runs_dir>/<variant>/eval.json`` (``tpgrpo evaluate`` of the exported weights), and writes to
+``out_dir``:
 
 - ``ablation.md``: a markdown table (variant, status, base reward, final eval reward, delta,
-  the per-constraint eval rewards, epochs, minutes); failed or missing variants are listed as
+  the per-constraint eval rewards, the exported weights' reward, epochs, minutes); failed or missing variants are listed as
   failed with the reason below the table;
 - ``ablation.json``: the same table keyed by variant (for ``dvc metrics``); NaN becomes null;
 - ``reward_vs_epoch.png``: train reward (rollout mean) and eval reward per epoch, per variant;
@@ -51,7 +53,9 @@ class Report:
     Attributes:
         table: one row per variant (input order). Columns: ``variant``, ``status`` (``ok`` or
             ``failed``), ``reason`` (why it failed, else empty), ``base_reward``, ``eval_reward``,
-            ``delta``, one ``eval_<constraint>`` column per constraint, ``epochs``, ``minutes``.
+            ``delta``, one ``eval_<constraint>`` column per constraint, ``exported_reward`` (the
+            reward of ``<variant>/final`` as loaded by diffusers; NaN without ``eval.json``; equal
+            to ``eval_reward`` when the export is faithful), ``epochs``, ``minutes``.
         markdown: the markdown text of ``markdown_path``.
         markdown_path: ``<out_dir>/ablation.md``.
         json_path: ``<out_dir>/ablation.json``.
@@ -153,6 +157,12 @@ def _load_run(runs_dir: Path, variant: str, failure: str | None) -> _Run:
         return _Run(variant, FAILED, f"{path}: unreadable ({type(exc).__name__})", {}, history)
     if not isinstance(metrics, dict) or _number(metrics.get("eval_reward")) is None:
         return _Run(variant, FAILED, f"{path}: no eval_reward", {}, history)
+    try:
+        exported = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        exported = {}
+    if isinstance(exported, dict) and _number(exported.get("reward")) is not None:
+        metrics = {**metrics, "exported_reward": exported["reward"]}
     return _Run(variant, OK, "", metrics, history)
 
 
@@ -199,12 +209,13 @@ def _table(runs: list[_Run]) -> pd.DataFrame:
         for name in constraints:
             row[name] = _number(m.get(name))
         epochs = _number(m.get("epochs"))
+        row["exported_reward"] = _number(m.get("exported_reward"))
         row["epochs"] = None if epochs is None else int(epochs)
         row["minutes"] = _number(m.get("minutes"))
         rows.append(row)
-    columns = ["variant", "status", "reason", "base_reward", "eval_reward", "delta", *constraints, "epochs", "minutes"]
+    columns = ["variant", "status", "reason", "base_reward", "eval_reward", "delta", *constraints, "exported_reward", "epochs", "minutes"]
     table = pd.DataFrame(rows, columns=columns)
-    for name in ["base_reward", "eval_reward", "delta", *constraints, "minutes"]:
+    for name in ["base_reward", "eval_reward", "delta", *constraints, "exported_reward", "minutes"]:
         table[name] = pd.to_numeric(table[name], errors="coerce").astype("float64")
     table["epochs"] = pd.to_numeric(table["epochs"], errors="coerce").astype("Int64")
     return table
@@ -213,12 +224,13 @@ def _table(runs: list[_Run]) -> pd.DataFrame:
 def _markdown(table: pd.DataFrame, runs_dir: Path) -> str:
     constraints = [c for c in table.columns if c.startswith("eval_") and c != "eval_reward"]
     header = ["variant", "status", "base reward", "final eval reward", "delta"]
-    header += [c.removeprefix("eval_") for c in constraints] + ["epochs", "minutes"]
+    header += [c.removeprefix("eval_") for c in constraints] + ["exported weights", "epochs", "minutes"]
     lines = [
         "# Ablation",
         "",
         f"Final evaluation (ODE sampling, EMA weights) of each variant's run in `{runs_dir}/`; "
-        "base reward is the same evaluation before training, delta = final - base.",
+        "base reward is the same evaluation before training, delta = final - base; exported weights: "
+        "the same evaluation of `final/` loaded with diffusers (`tpgrpo evaluate`).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
@@ -226,7 +238,7 @@ def _markdown(table: pd.DataFrame, runs_dir: Path) -> str:
     for r in table.to_dict(orient="records"):
         cells = [_escape(r["variant"]), r["status"]]
         cells += [_fmt(r["base_reward"]), _fmt(r["eval_reward"]), _fmt(r["delta"], signed=True)]
-        cells += [_fmt(r[c]) for c in constraints]
+        cells += [_fmt(r[c]) for c in constraints] + [_fmt(r["exported_reward"])]
         epochs = r["epochs"]
         cells += ["n/a" if pd.isna(epochs) else str(int(epochs)), _fmt(r["minutes"], digits=2)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -8,10 +8,18 @@ completion 0 is the pure-ODE image from the same ``x_T`` (it shares the ODE pref
 completion of ``z_W`` is the trajectory's own final image (the suffix is ODE anyway), so it is
 neither recomputed nor decoded twice.
 
+Cheaper estimators of those completions (``RolloutConfig.completion``): ``one_step`` scores
+the one-step prediction ``x̂0 = z_k - sigma v(z_k)``, which costs no forward (the trajectory
+computes ``v(z_k)`` for its own next step); ``coarse`` takes ``completion_steps`` Euler steps on
+a sub-grid of the remaining schedule (:func:`completion_grid`). The final image stays the
+completion of ``z_W`` in every mode.
+
 Lockstep: at time index i every live branch — the trajectory and each completion that has
-started — sits at the same timestep, so all of them advance in one batched transformer forward
-(split into micro-batches when asked). A completion's first velocity is the trajectory's
-velocity at the same state and time, so it is reused rather than recomputed.
+started and is due at i — sits at the same timestep, so all of them advance in one batched
+transformer forward (split into micro-batches when asked). A completion's first velocity is the
+trajectory's velocity at the same state and time, so it is reused rather than recomputed. Coarse
+completions only visit schedule indices, so each of their forwards joins the trajectory's
+forward at that index: they add rows, never transformer calls.
 :func:`rollout_sequential` is the per-completion loop of the published code, kept as the
 reference the lockstep version is tested and benchmarked against.
 """
@@ -19,7 +27,7 @@ reference the lockstep version is tested and benchmarked against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +35,9 @@ from tqdm.auto import tqdm
 
 from tpgrpo.models import ModelAdapter, PromptEmbeds, load_adapter
 from tpgrpo.sde import LogProbForm, Sampler, sde_step
+
+Completion = Literal["ode", "one_step", "coarse"]
+COMPLETIONS: tuple[str, ...] = ("ode", "one_step", "coarse")
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,15 @@ class RolloutConfig:
         log_prob: log-prob form; None = the sampler's default (see :mod:`tpgrpo.sde`).
         guidance_scale: classifier-free guidance (1 = off), for sampling and completions alike.
         completions: also produce the ODE completions of z_0..z_W (TP-GRPO, incremental).
+        completion: how z_0..z_{W-1} are completed: ``ode`` (the full ODE run over the rest of
+            the schedule, DESIGN §1), ``one_step`` (the one-step prediction z_k - sigma v(z_k),
+            no extra forward) or ``coarse`` (``completion_steps`` Euler steps on a sub-grid of
+            the rest of the schedule, see :func:`completion_grid`).
+        completion_steps: Euler steps of a ``coarse`` completion (1 is ``one_step``; a
+            completion with fewer steps left takes them all, i.e. the full ODE).
         micro_batch_size: rows per transformer forward (before CFG doubling); None = all.
         height, width: image size; None = the model's default.
-        progress: show a progress bar over the steps.
+        progress: show a progress bar over the steps (when stderr is a terminal).
     """
 
     num_steps: int = 10
@@ -55,6 +72,8 @@ class RolloutConfig:
     log_prob: LogProbForm | None = None
     guidance_scale: float = 4.5
     completions: bool = True
+    completion: Completion = "ode"
+    completion_steps: int = 2
     micro_batch_size: int | None = None
     height: int | None = None
     width: int | None = None
@@ -70,14 +89,39 @@ class RolloutConfig:
             )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: expected >= 1 or None, got {self.micro_batch_size}")
+        if self.completion not in COMPLETIONS:
+            raise ValueError(f"completion: expected one of {COMPLETIONS}, got {self.completion!r}")
+        if self.completion_steps < 1:
+            raise ValueError(f"completion_steps: expected >= 1, got {self.completion_steps}")
+
+
+def completion_grid(cfg: RolloutConfig, start: int) -> list[int]:
+    """Schedule indices a completion of the state at index ``start`` visits: ``start`` first,
+    ``cfg.num_steps`` (sigma = 0, the image) last, one Euler step between neighbours.
+
+    ``ode``: every index. ``one_step``: ``[start, N]``. ``coarse`` with m = ``completion_steps``
+    and R = N - start steps left: ``start + (l * R) // m`` for l = 0..m (steps as even as whole
+    indices allow), or every index when m >= R. The grid keeps to the schedule's own points:
+    each coarse forward then joins the trajectory's forward at that index (rows, never extra
+    transformer calls); the schedule's spacing (the shift of SD3.5 / FLUX) carries over; and the
+    estimator degrades exactly into the others, m = 1 into ``one_step`` and m >= R into ``ode``.
+    """
+    N = cfg.num_steps
+    if not 0 <= start < N:
+        raise ValueError(f"start: expected 0 <= start < {N}, got {start}")
+    left = N - start
+    steps = {"ode": left, "one_step": 1, "coarse": min(cfg.completion_steps, left)}[cfg.completion]
+    return [start + (l * left) // steps for l in range(steps + 1)]
 
 
 @dataclass(frozen=True)
 class ForwardStats:
-    """Cost of a rollout: transformer calls and the rows they processed (CFG rows counted)."""
+    """Cost of a rollout: transformer calls and the rows they processed (CFG rows counted);
+    ``completion_rows`` of those rows advanced completions, the rest the trajectories."""
 
     passes: int
     rows: int
+    completion_rows: int
 
 
 @dataclass(frozen=True)
@@ -86,8 +130,9 @@ class Rollout:
 
     Attributes:
         images: [B, 3, H, W] float in [0, 1], final images.
-        completion_images: [B, W+1, 3, H, W] ODE completions of z_0..z_W (index 0: the pure-ODE
-            image from x_T; index W: ``images``); None without completions.
+        completion_images: [B, W+1, 3, H, W] completions of z_0..z_W by ``cfg.completion``
+            (index 0: z_0's, with ``ode`` the pure-ODE image from x_T; index W: ``images``);
+            None without completions.
         latents: [B, W+1, C, h, w] z_0..z_W.
         log_probs: [B, W] float32 log-prob of each SDE transition z_{k-1} -> z_k.
         initial_noise: [B, C, h, w] x_T.
@@ -126,8 +171,12 @@ class _Forward:
         self.rows_per_latent = 2 if embeds.has_negative else 1
         self.passes = 0
         self.rows = 0
+        self.completion_rows = 0
 
-    def __call__(self, latents: Tensor, timestep: Tensor, prompt_index: Tensor) -> Tensor:
+    def __call__(self, latents: Tensor, timestep: Tensor, prompt_index: Tensor, completions: int = 0) -> Tensor:
+        """Velocities [M, C, h, w] at latents [M, C, h, w]; the last ``completions`` rows advance
+        completions (counted apart in the stats)."""
+        self.completion_rows += completions * self.rows_per_latent
         chunk = self.micro or latents.shape[0]
         out = []
         for start in range(0, latents.shape[0], chunk):
@@ -139,7 +188,7 @@ class _Forward:
         return torch.cat(out)
 
     def stats(self) -> ForwardStats:
-        return ForwardStats(passes=self.passes, rows=self.rows)
+        return ForwardStats(passes=self.passes, rows=self.rows, completion_rows=self.completion_rows)
 
 
 @dataclass
@@ -182,8 +231,28 @@ def _setup(
     return _Setup(adapter, embeds, latents, noise, schedule.timesteps, schedule.sigmas, forward)
 
 
-def _euler(velocity: Tensor, sample: Tensor, sigmas: Tensor, i: int) -> Tensor:
-    return sde_step(velocity, sample, sigmas, i, noise_level=0.0).sample
+def _euler(velocity: Tensor, sample: Tensor, sigmas: Tensor, i: int, to: int | None = None) -> Tensor:
+    """The ODE step from ``sigmas[i]`` to ``sigmas[to]`` (default: the next index)."""
+    to = i + 1 if to is None else to
+    return sde_step(velocity, sample, sigmas[[i, to]], 0, noise_level=0.0).sample
+
+
+@dataclass
+class _Branch:
+    """A completion under way: B rows at schedule index ``grid[pos]`` (the last: finished)."""
+
+    latents: Tensor
+    grid: list[int]
+    pos: int = 0
+
+    @property
+    def index(self) -> int:
+        return self.grid[self.pos]
+
+    def advance(self, velocity: Tensor, sigmas: Tensor) -> None:
+        """One Euler step to the next grid point, with ``velocity`` [B, C, h, w] at the current one."""
+        self.latents = _euler(velocity, self.latents, sigmas, self.index, self.grid[self.pos + 1])
+        self.pos += 1
 
 
 def _window_step(run: _Setup, cfg: RolloutConfig, velocity: Tensor, sample: Tensor, i: int):
@@ -229,20 +298,26 @@ def rollout(
     x = run.x_T
     states = []
     log_probs = []
-    branches = x.new_zeros((0, *x.shape[1:]))  # ODE completions under way, W blocks of B rows at most
-    branch_prompts = own[:0]
+    branches: list[_Branch] = []  # the completion of z_k is branches[k], started or finished
 
-    for i in tqdm(range(cfg.num_steps), desc="rollout", disable=not cfg.progress, leave=False):
+    # disable=None: shown on a terminal only (see Trainer.rollout).
+    for i in tqdm(range(cfg.num_steps), desc="rollout", disable=None if cfg.progress else True, leave=False):
         t = run.timesteps[i]
-        v = run.forward(torch.cat([x, branches]), t, torch.cat([own, branch_prompts]))
-        v_main, v_branches = v[:B], v[B:]
-        branches = _euler(v_branches, branches, run.sigmas, i)
+        # Coarse completions skip indices; every other live branch is due at every index.
+        due = [b for b in branches if b.index == i]
+        v = run.forward(
+            torch.cat([x, *(b.latents for b in due)]), t, own.repeat(1 + len(due)), completions=len(due) * B
+        )
+        v_main = v[:B]
+        for branch, v_branch in zip(due, v[B:].split(B)):
+            branch.advance(v_branch, run.sigmas)
         if s <= i < s + W:
             states.append(x)
             if cfg.completions:
                 # Completion of z_k starts here; its first velocity is the trajectory's.
-                branches = torch.cat([branches, _euler(v_main, x, run.sigmas, i)])
-                branch_prompts = torch.cat([branch_prompts, own])
+                branch = _Branch(x, completion_grid(cfg, i))
+                branch.advance(v_main, run.sigmas)
+                branches.append(branch)
             step = _window_step(run, cfg, v_main, x, i)
             x = step.sample
             log_probs.append(step.log_prob)
@@ -252,7 +327,7 @@ def rollout(
             states.append(x)
 
     if cfg.completions:
-        decoded = _decode(run.adapter, torch.cat([branches, x]), cfg.micro_batch_size)
+        decoded = _decode(run.adapter, torch.cat([*(b.latents for b in branches), x]), cfg.micro_batch_size)
         completion_images = decoded.reshape(W + 1, B, *decoded.shape[1:]).transpose(0, 1)
         images = decoded[W * B :]
     else:
@@ -272,8 +347,8 @@ def rollout_sequential(
     generator: torch.Generator | None = None,
 ) -> Rollout:
     """The same samples as :func:`rollout`, computed the published way: the trajectory first, then
-    one ODE run per completion, each starting with its own forward. Reference for tests and
-    benchmarks; same arguments and result."""
+    one run per completion (over its :func:`completion_grid`), each starting with its own
+    forward. Reference for tests and benchmarks; same arguments and result."""
     run = _setup(model, prompts, cfg, latents, noise, generator)
     B, s, W = len(prompts), cfg.window_start, cfg.window_size
     own = torch.arange(B, device=run.x_T.device)
@@ -296,9 +371,9 @@ def rollout_sequential(
     if cfg.completions:
         finals = []
         for k in range(W):
-            z = states[k]
-            for i in range(s + k, cfg.num_steps):
-                z = _euler(run.forward(z, run.timesteps[i], own), z, run.sigmas, i)
+            z, grid = states[k], completion_grid(cfg, s + k)
+            for i, to in zip(grid[:-1], grid[1:]):
+                z = _euler(run.forward(z, run.timesteps[i], own, completions=B), z, run.sigmas, i, to)
             finals.append(_decode(run.adapter, z, cfg.micro_batch_size))
         completion_images = torch.stack(finals + [images], dim=1)
     return _result(run, cfg, images, completion_images, states, log_probs)

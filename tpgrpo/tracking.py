@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Protocol, runtime_checkable
 from urllib.parse import unquote
 
+from tpgrpo.errors import TrackingError
+
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
     from mlflow import MlflowClient
@@ -266,6 +268,9 @@ def run_tags(variant: str | None = None) -> dict[str, str]:
 def _import_mlflow():
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # A new sqlite store announces its schema creation at INFO on stderr, which the tpgrpo
+    # command keeps for problems (its errors are one line).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     import mlflow  # noqa: F401
 
     return mlflow
@@ -299,7 +304,8 @@ class MLflowTracker(_ContextMixin):
 
     Args:
         uri: the tracking URI (``sqlite:////abs/path/mlflow.db``, ``http://host:5000``, ...).
-            For sqlite the database's directory is created if missing.
+            For sqlite the database's directory is created if missing; TrackingError when the
+            database cannot be written there.
         experiment: experiment name; created if missing (see the module doc for its artifacts).
         run_name: display name of a new run.
         parent_run_id: make the new run a child of this run (tag ``mlflow.parentRunId``).
@@ -324,7 +330,7 @@ class MLflowTracker(_ContextMixin):
         self.experiment = experiment
         db = sqlite_db_path(uri)
         if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
+            _check_writable_db(uri, db)
         self.client: MlflowClient = MlflowClient(tracking_uri=uri)
         self._finished = False
 
@@ -462,6 +468,21 @@ class MLflowTracker(_ContextMixin):
 
     def __repr__(self) -> str:
         return f"MLflowTracker(uri={self.uri!r}, experiment={self.experiment!r}, run_id={self.run_id!r})"
+
+
+def _check_writable_db(uri: str, db: Path) -> None:
+    """Create the sqlite database's directory and file, or raise TrackingError in one line:
+    MLflow itself retries opening an unwritable database for minutes, then raises a
+    multi-line SQLAlchemy error."""
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db, "ab"):  # an empty file is a valid new sqlite database
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"tracking.uri: {uri}: cannot write the MLflow database {db} ({exc.filename}: {exc.strerror}); "
+            "expected a writable file path or a tracking server URL"
+        ) from None
 
 
 def _user() -> str:

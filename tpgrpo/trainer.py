@@ -47,11 +47,10 @@ from tpgrpo.checkpoint import (
 from tpgrpo.config import ExperimentConfig
 from tpgrpo.credit import assign_credit
 from tpgrpo.data import GroupPlan, PromptSet, epoch_batches, load_prompt_set
-from tpgrpo.errors import UserError
+from tpgrpo.errors import ModelLoadError, RewardError, UserError
 from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
 from tpgrpo.loss import grpo_loss
-from tpgrpo.models import load_adapter
-from tpgrpo.rewards import build_reward
+from tpgrpo.models import ManagedAdapter, check_family, load_adapter
 from tpgrpo.rollout import Rollout, RolloutConfig, rollout
 from tpgrpo.scoring import reward_sequence
 from tpgrpo.sde import sde_step
@@ -150,7 +149,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.variant = variant
-        self.acc = accelerator or Accelerator()
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
         self.is_main = self.acc.is_main_process
         self.tracker: Tracker = tracker if (tracker is not None and self.is_main) else NullTracker()
         self.run_dir = Path(cfg.runs_dir) / variant
@@ -164,10 +163,11 @@ class Trainer:
         self.train_set: PromptSet = load_prompt_set(Path(cfg.data.dir) / "train.jsonl")
         self.test_set: PromptSet = load_prompt_set(Path(cfg.data.dir) / "test.jsonl")
         epoch_batches(self.plan, len(self.train_set), seed=cfg.seed, epoch=0)  # fails early if too few prompts
-        self.reward_fn = build_reward(cfg.reward.name, **cfg.reward.options)
+        self.reward_fn = cfg.reward.build()
+        self.eval_reward_fn = cfg.eval.build_reward(cfg.reward) if cfg.eval.reward else self.reward_fn
 
         torch.manual_seed(cfg.seed)  # the LoRA initialisation, identical on every process
-        self.adapter = load_adapter(cfg.model.path, dtype=_DTYPES[cfg.model.dtype], device=self.acc.device)
+        self.adapter = load_model(cfg, self.acc.device)
         pipe = self.adapter.pipe
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -192,6 +192,15 @@ class Trainer:
         self.trainable = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise UserError(f"train.lora_targets: no module of the transformer matches {cfg.train.lora_targets}")
+        if self.acc.mixed_precision != "no":
+            from diffusers.training_utils import cast_training_params
+
+            # Autocast computes in low precision; the weights it updates stay float32, or small
+            # AdamW steps would round away in a bfloat16 model.
+            cast_training_params(self.transformer, torch.float32)
+        if cfg.train.gradient_checkpointing:
+            # Only forwards with autograd on recompute; rollouts and evaluation run as before.
+            self.transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(
             list(self.trainable.values()),
             lr=cfg.train.learning_rate,
@@ -222,6 +231,8 @@ class Trainer:
             log_prob=s.log_prob,
             guidance_scale=s.guidance_scale,
             completions=self.cfg.credit.mode != "outcome",
+            completion=s.completion,
+            completion_steps=s.completion_steps,
             micro_batch_size=s.micro_batch_size,
             height=self.cfg.model.resolution,
             width=self.cfg.model.resolution,
@@ -237,7 +248,9 @@ class Trainer:
         batches = []
         self.transformer.eval()
         plan = epoch_batches(self.plan, len(self.train_set), seed=self.cfg.seed, epoch=epoch)
-        for b, indices in enumerate(tqdm(plan, desc=f"epoch {epoch + 1} rollouts", disable=not self.is_main, leave=False)):
+        # disable=None: no bar when stderr is not a terminal, where redraws would only bury the
+        # one-line messages (logs, captured output).
+        for b, indices in enumerate(tqdm(plan, desc=f"epoch {epoch + 1} rollouts", disable=None if self.is_main else True, leave=False)):
             chosen = self.train_set.take(indices[rows].tolist())
             # Noise depends on (seed, epoch, batch, process) only: a resumed run draws the same.
             key = np.random.SeedSequence([self.cfg.seed, epoch, b, self.acc.process_index])
@@ -263,16 +276,24 @@ class Trainer:
     def score(self, samples: EpochSamples) -> EpochScores:
         """Wait for the rewards; rows with a non-finite reward anywhere are marked invalid.
 
-        A batch whose scoring raised makes this call raise; calling again scores that batch
-        anew (an orchestrator's retry), keeping the rollouts.
+        A batch whose scoring raised makes this call raise :class:`~tpgrpo.errors.RewardError`;
+        calling again scores that batch anew (an orchestrator's retry), keeping the rollouts.
         """
-        for batch in samples.batches:
+        for b, batch in enumerate(samples.batches):
             if batch.failed:
                 batch.rewards, batch.details = Future(), Future()
                 _split_result(_run_now(self.score_batch, batch.rollout, batch.prompts, batch.metadata), batch.rewards, batch.details)
-            if batch.rewards.exception() is not None:
+            exc = batch.rewards.exception()
+            if exc is not None:
                 batch.failed = True
-                raise batch.rewards.exception()
+                # One line for the command line (the scorer's own exception stays chained), saying
+                # where a new start continues: checkpoints are only ever replaced whole.
+                latest = latest_checkpoint(self.run_dir / "checkpoints")
+                resume = f"resumes from {latest}" if latest else "starts over (no checkpoint yet)"
+                raise RewardError(
+                    f"reward.name: {self.cfg.reward.name!r} raised while scoring epoch {samples.epoch + 1}, "
+                    f"batch {b + 1}: {type(exc).__name__}: {' '.join(str(exc).split())}; started again, the run {resume}"
+                ) from exc
         R, valid, finals, invalid, detail_sums = [], [], [], 0, {}
         for batch in samples.batches:
             r = batch.rewards.result().to(self.acc.device)
@@ -469,7 +490,7 @@ class Trainer:
             result = evaluate_prompts(
                 self.adapter,
                 test,
-                self.reward_fn,
+                self.eval_reward_fn,
                 num_steps=e.num_steps,
                 guidance_scale=e.guidance_scale,
                 batch_size=e.batch_size,
@@ -695,7 +716,7 @@ def train_variant_run(
     """
     from tpgrpo.tracking import finishing, open_tracker, run_tags
 
-    acc = Accelerator()
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     run_dir = Path(cfg.runs_dir) / name
     if restart and acc.is_main_process and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -716,6 +737,33 @@ def train_variant_run(
         finally:
             trainer.executor.shutdown(wait=False, cancel_futures=True)
     return RunOutcome(result, tracker.run_id, acc.is_main_process)
+
+
+def load_model(cfg: ExperimentConfig, device: str | torch.device) -> ManagedAdapter:
+    """The base model of ``cfg.model`` on ``device``, in ``model.dtype``, behind a
+    :class:`ManagedAdapter`: prompts encoded one distinct prompt at a time, with the memory options
+    (``model.offload_*``, ``sample.cache_text_embeddings``) applied.
+
+    Raises:
+        ModelLoadError: naming ``model.family`` (checked before any weights load) or
+            ``model.path`` (missing, not a pipeline directory, unreadable).
+    """
+    m, s = cfg.model, cfg.sample
+    check_family(m.path, m.family)
+    offload = m.offload_text_encoders or m.offload_vae
+    try:
+        # Loaded into CPU memory when offloading, so the offloaded modules never occupy the
+        # accelerator, not even while loading.
+        adapter = load_adapter(m.path, dtype=_DTYPES[m.dtype], device="cpu" if offload else device)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model.path: {exc}") from None
+    return ManagedAdapter(
+        adapter,
+        device,
+        cache_size=s.text_embedding_cache_size if s.cache_text_embeddings else None,
+        offload_text_encoders=m.offload_text_encoders,
+        offload_vae=m.offload_vae,
+    )
 
 
 def previous_run_id(run_dir: str | Path) -> str | None:

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -27,7 +29,7 @@ class _NoTorchvisionNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
 from tpgrpo.models.base import (
     ModelAdapter,
@@ -38,11 +40,30 @@ from tpgrpo.models.base import (
     load_pipeline,
     save_pipeline,
 )
+from tpgrpo.models.flux import FluxAdapter
+from tpgrpo.models.managed import ManagedAdapter
 from tpgrpo.models.sd3 import SD3Adapter
-from tpgrpo.models.tiny import TinySD3Config, build_tiny_sd3
+from tpgrpo.models.tiny import TinyFluxConfig, TinySD3Config, build_tiny_flux, build_tiny_sd3
 
-# A new model family (FLUX) is one more entry here.
-_ADAPTERS: dict[type[DiffusionPipeline], type] = {StableDiffusion3Pipeline: SD3Adapter}
+# A new model family is one more entry here.
+_ADAPTERS: dict[type[DiffusionPipeline], type] = {StableDiffusion3Pipeline: SD3Adapter, FluxPipeline: FluxAdapter}
+# The `model.family` name of each supported pipeline class.
+FAMILIES: dict[str, type[DiffusionPipeline]] = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+
+
+def check_family(path: str | os.PathLike[str], family: str) -> None:
+    """Raise ModelLoadError when the pipeline directory ``path`` holds another family's pipeline
+    than ``family`` (a key of ``FAMILIES``). Reads only model_index.json — the class
+    ``from_pretrained`` instantiates — so a mismatch fails before gigabytes of weights load. A
+    directory without a readable model_index.json, or of an unsupported class, passes: loading
+    it reports that."""
+    try:
+        class_name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    actual = next((name for name, cls in FAMILIES.items() if cls.__name__ == class_name), None)
+    if actual is not None and actual != family:
+        raise ModelLoadError(f"model.family: expected {actual} for {class_name} at {path}, got {family}")
 
 
 def load_adapter(
@@ -61,14 +82,20 @@ def load_adapter(
 
 
 __all__ = [
+    "FAMILIES",
+    "FluxAdapter",
+    "ManagedAdapter",
     "ModelAdapter",
     "ModelLoadError",
     "PromptEmbeds",
     "SD3Adapter",
     "Schedule",
+    "TinyFluxConfig",
     "TinySD3Config",
+    "build_tiny_flux",
     "build_tiny_sd3",
     "cfg_enabled",
+    "check_family",
     "load_adapter",
     "load_pipeline",
     "save_pipeline",

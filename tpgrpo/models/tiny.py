@@ -1,10 +1,13 @@
-"""The embedded default model: a tiny SD3-architecture pipeline built from config.
+"""The embedded default model: a tiny SD3-architecture pipeline built from config, and a tiny
+FLUX-architecture one beside it.
 
 Every component is the real diffusers / transformers class a Stable Diffusion 3.5 checkpoint uses
 (``SD3Transformer2DModel``, ``AutoencoderKL``, two ``CLIPTextModelWithProjection``, ``T5EncoderModel``,
-``FlowMatchEulerDiscreteScheduler``), only small and randomly initialised, and the tokenizers are
-written from a word list by this module. Nothing is downloaded. After ``save_pipeline`` the
-directory loads with a plain ``StableDiffusion3Pipeline.from_pretrained(path)``.
+``FlowMatchEulerDiscreteScheduler``), or a FLUX.1 checkpoint uses (``FluxTransformer2DModel``,
+``AutoencoderKL``, ``CLIPTextModel``, ``T5EncoderModel``, the scheduler with dynamic shifting), only
+small and randomly initialised, and the tokenizers are written from a word list by this module.
+Nothing is downloaded. After ``save_pipeline`` the directory loads with a plain
+``StableDiffusion3Pipeline.from_pretrained(path)`` / ``FluxPipeline.from_pretrained(path)``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -145,25 +151,14 @@ def build_tiny_sd3(vocabulary: list[str], cfg: TinySD3Config, seed: int) -> Stab
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModelWithProjection(_clip_config(cfg, clip_tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(cfg, clip_tokenizer))
-        text_encoder_3 = T5EncoderModel(_t5_config(cfg, t5_tokenizer))
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_block_out_channels),
-            block_out_channels=cfg.vae_block_out_channels,
-            layers_per_block=cfg.vae_layers_per_block,
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=cfg.vae_norm_num_groups,
-            sample_size=cfg.image_size,
-            scaling_factor=cfg.vae_scaling_factor,
-            shift_factor=cfg.vae_shift_factor,
-            # SD3's VAE has no 1x1 quant convs either.
-            use_quant_conv=False,
-            use_post_quant_conv=False,
+        text_encoder = CLIPTextModelWithProjection(
+            _clip_config(cfg, clip_tokenizer, projection_dim=cfg.clip_projection_dim)
         )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_config(cfg, clip_tokenizer, projection_dim=cfg.clip_projection_dim)
+        )
+        text_encoder_3 = T5EncoderModel(_t5_config(cfg, t5_tokenizer))
+        vae = _vae(cfg)
         transformer = SD3Transformer2DModel(
             sample_size=cfg.latent_size,
             patch_size=cfg.patch_size,
@@ -198,12 +193,174 @@ def build_tiny_sd3(vocabulary: list[str], cfg: TinySD3Config, seed: int) -> Stab
     return pipe
 
 
-def _clip_config(cfg: TinySD3Config, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+@dataclass(frozen=True)
+class TinyFluxConfig:
+    """Sizes of the tiny FLUX pipeline.
+
+    Defaults: 64x64 RGB images, the tiny SD3's VAE (4x down, 4 latent channels: 16x16 latents,
+    packed by the pipeline into 8x8 = 64 tokens of 2x2x4 = 16 features), a FLUX transformer with
+    one double-stream and two single-stream blocks of 4 heads x 32, a 2-layer CLIP of width 32
+    (only its pooled output is used, as in FLUX) and a 1-layer T5 of width 64, tokenizers and text
+    encoders at 16 positions, and FLUX.1-dev's guidance embedding and resolution-dependent shift.
+    """
+
+    image_size: int = 64
+
+    vae_block_out_channels: tuple[int, ...] = (16, 32, 32)
+    vae_layers_per_block: int = 1
+    vae_norm_num_groups: int = 4
+    latent_channels: int = 4
+    # Placeholders for an untrained VAE, as in TinySD3Config.
+    vae_scaling_factor: float = 1.0
+    vae_shift_factor: float = 0.0
+
+    num_layers: int = 1
+    num_single_layers: int = 2
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    # Rotary dimensions per position-id axis (0 for text-to-image, latent row, latent column); they
+    # split the head dimension as FLUX.1's (16, 56, 56) splits its 128.
+    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
+    # FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding, not a second pass.
+    guidance_embeds: bool = True
+
+    clip_hidden_size: int = 32
+    clip_intermediate_size: int = 64
+    clip_num_layers: int = 2
+    clip_num_heads: int = 2
+
+    t5_d_model: int = 64
+    t5_d_ff: int = 128
+    t5_num_layers: int = 1
+    t5_num_heads: int = 4
+
+    max_sequence_length: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vae_block_out_channels", tuple(self.vae_block_out_channels))
+        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        problems = []
+        # The pipeline packs 2x2 latent patches, so the latent side must be even.
+        if self.image_size % (2 * self.vae_scale_factor):
+            problems.append(
+                f"image_size={self.image_size} must be a multiple of 2 x VAE factor = {2 * self.vae_scale_factor}"
+            )
+        if any(c % self.vae_norm_num_groups for c in self.vae_block_out_channels):
+            problems.append(
+                f"vae_norm_num_groups={self.vae_norm_num_groups} must divide every vae_block_out_channels "
+                f"{self.vae_block_out_channels}"
+            )
+        if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
+            problems.append(
+                f"axes_dims_rope={self.axes_dims_rope} must be 3 dimensions summing to attention_head_dim="
+                f"{self.attention_head_dim}"
+            )
+        # Rotary embeddings rotate pairs of features.
+        if any(d % 2 for d in self.axes_dims_rope):
+            problems.append(f"axes_dims_rope={self.axes_dims_rope} must all be even")
+        if self.clip_hidden_size % self.clip_num_heads:
+            problems.append("clip_hidden_size must be a multiple of clip_num_heads")
+        if self.t5_d_model % self.t5_num_heads:
+            problems.append("t5_d_model must be a multiple of t5_num_heads")
+        if self.vae_scaling_factor <= 0:
+            problems.append("vae_scaling_factor must be > 0")
+        if self.max_sequence_length < 3:
+            problems.append("max_sequence_length must be >= 3 (bos, one word, eos)")
+        if problems:
+            raise ValueError("TinyFluxConfig: " + "; ".join(problems))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_block_out_channels) - 1)
+
+
+def build_tiny_flux(vocabulary: list[str], cfg: TinyFluxConfig, seed: int) -> FluxPipeline:
+    """Build a randomly initialised tiny ``FluxPipeline`` (float32, CPU).
+
+    ``vocabulary`` lists the words prompts are made of; each becomes exactly one token in both
+    tokenizers. The result depends only on (vocabulary, cfg, seed); the global RNG is left as found.
+
+    Note: ``FluxPipeline`` hard-codes ``default_sample_size = 128`` latents, so without an explicit
+    ``height`` / ``width`` it (and ``FluxAdapter``) samples 128 x 4 = 512 px images from this model.
+    """
+    words = list(dict.fromkeys(vocabulary))
+    if not words:
+        raise ValueError("build_tiny_flux: the vocabulary is empty")
+    with tempfile.TemporaryDirectory(prefix="tpgrpo-tok-") as tmp:
+        clip_tokenizer = _build_clip_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "clip")
+        t5_tokenizer = _build_t5_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "t5")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_clip_config(cfg, clip_tokenizer))
+        text_encoder_2 = T5EncoderModel(_t5_config(cfg, t5_tokenizer))
+        vae = _vae(cfg)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            # The transformer sees the packed 2x2 patches of the latent channels.
+            in_channels=4 * cfg.latent_channels,
+            num_layers=cfg.num_layers,
+            num_single_layers=cfg.num_single_layers,
+            attention_head_dim=cfg.attention_head_dim,
+            num_attention_heads=cfg.num_attention_heads,
+            joint_attention_dim=cfg.t5_d_model,
+            # FLUX pools with CLIPTextModel's pooler output, which is hidden_size wide.
+            pooled_projection_dim=cfg.clip_hidden_size,
+            guidance_embeds=cfg.guidance_embeds,
+            axes_dims_rope=cfg.axes_dims_rope,
+        )
+    # FLUX.1-dev's scheduler: the shift follows the image token count (mu from calculate_shift).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+    )
+    for module in (text_encoder, text_encoder_2, vae, transformer):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _vae(cfg: TinySD3Config | TinyFluxConfig) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_block_out_channels),
+        block_out_channels=cfg.vae_block_out_channels,
+        layers_per_block=cfg.vae_layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.vae_norm_num_groups,
+        sample_size=cfg.image_size,
+        scaling_factor=cfg.vae_scaling_factor,
+        shift_factor=cfg.vae_shift_factor,
+        # SD3's and FLUX's VAEs have no 1x1 quant convs either.
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _clip_config(
+    cfg: TinySD3Config | TinyFluxConfig, tokenizer: CLIPTokenizer, **extra: int
+) -> CLIPTextConfig:
+    """``extra``: e.g. SD3's ``projection_dim`` (FLUX's plain CLIPTextModel has no projection)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.clip_hidden_size,
         intermediate_size=cfg.clip_intermediate_size,
-        projection_dim=cfg.clip_projection_dim,
         num_hidden_layers=cfg.clip_num_layers,
         num_attention_heads=cfg.clip_num_heads,
         max_position_embeddings=cfg.max_sequence_length,
@@ -212,10 +369,11 @@ def _clip_config(cfg: TinySD3Config, tokenizer: CLIPTokenizer) -> CLIPTextConfig
         # argmax(input_ids) pooling, which is wrong for a vocabulary with eos not at the end.
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
 
 
-def _t5_config(cfg: TinySD3Config, tokenizer: T5Tokenizer) -> T5Config:
+def _t5_config(cfg: TinySD3Config | TinyFluxConfig, tokenizer: T5Tokenizer) -> T5Config:
     return T5Config(
         vocab_size=len(tokenizer),
         d_model=cfg.t5_d_model,
@@ -227,7 +385,7 @@ def _t5_config(cfg: TinySD3Config, tokenizer: T5Tokenizer) -> T5Config:
         relative_attention_num_buckets=8,
         relative_attention_max_distance=cfg.max_sequence_length,
         dropout_rate=0.0,
-        # T5 v1.1 (the SD3 text encoder) uses the gated GELU feed-forward.
+        # T5 v1.1 (the SD3 and FLUX text encoder) uses the gated GELU feed-forward.
         feed_forward_proj="gated-gelu",
         is_encoder_decoder=False,
         use_cache=False,

@@ -10,6 +10,10 @@ Entries are ``"module:attribute"`` strings so that heavy scorers (PickScore, OCR
 dependencies load only when a config asks for them. The attribute is a factory (a class or a
 function) whose keyword arguments are the reward's options; calling it returns a
 :class:`RewardFunction`.
+
+Registered: ``verifiable`` (the shape world), ``pickscore``, ``clipscore``, ``aesthetic``,
+``ocr``, ``jpeg_compressibility`` / ``jpeg_incompressibility``, ``multi`` (a weighted sum of
+others) and ``remote`` (a reward server, see :mod:`tpgrpo.rewards.remote`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class RewardFunction(Protocol):
 
 _REGISTRY: dict[str, str | Callable[..., RewardFunction]] = {
     "verifiable": "tpgrpo.rewards.verifiable:VerifiableReward",
+    "pickscore": "tpgrpo.rewards.pickscore:PickScore",
+    "clipscore": "tpgrpo.rewards.clipscore:ClipScore",
+    "aesthetic": "tpgrpo.rewards.aesthetic:AestheticScore",
+    "ocr": "tpgrpo.rewards.ocr:OcrReward",
+    "jpeg_compressibility": "tpgrpo.rewards.jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "tpgrpo.rewards.jpeg:jpeg_incompressibility",
+    "multi": "tpgrpo.rewards.multi:WeightedSum",
+    "remote": "tpgrpo.rewards.remote:RemoteReward",
 }
 
 

@@ -18,6 +18,16 @@ Constraints (each met or not; the score is the fraction met, in [0, 1]):
   of the first object's colour lies left (``left_of``) / right (``right_of``) of the second's;
 - ``background`` (prompts that name one): the most frequent colour on the image's border frame.
 
+With ``soft=True`` each constraint gives partial credit in [0, 1] instead of met / not met, and
+is 1 exactly where the strict constraint is met (given a clear margin for shape and position): a
+colour with too few pixels to form an object scores its share of a minimum object's area,
+a count that is off by ``m`` scores ``2**-m``, a shape scores by how far its IoU with the
+asked-for ideal shape is from the best other shape's, a position by a logistic of the centroid
+distance, a background by the share of the frame in its colour. GenEval-style accuracy is the
+strict score; the soft one is a denser training signal for the same constraints: with a score
+that moves only in steps of 1 / (number of constraints), most ODE completions of neighbouring
+steps score alike and TP-GRPO's increments R_k - R_{k-1} are zero.
+
 Objects of colours the prompt does not mention are ignored, as in GenEval. ``details`` has one
 entry per constraint type: the fraction of that type's constraints met, NaN where a prompt has
 none of that type (e.g. ``position`` for "two red circles").
@@ -85,14 +95,25 @@ def _templates(h: int, w: int) -> dict[str, np.ndarray]:
     }
 
 
+def shape_ious(mask: np.ndarray) -> dict[str, float]:
+    """Bool mask [h, w] cropped to a component's bounding box -> IoU with each ideal shape."""
+    area = mask.sum()
+    ious = {}
+    for name, template in _templates(*mask.shape).items():
+        inter = np.logical_and(mask, template).sum()
+        ious[name] = float(inter / (area + template.sum() - inter))
+    return ious
+
+
 def classify_shape(mask: np.ndarray, min_iou: float) -> str | None:
     """Bool mask [h, w] cropped to a component's bounding box -> best-fitting shape name, or
     None when no ideal shape reaches ``min_iou`` (irregular blobs match nothing)."""
+    return _best_shape(shape_ious(mask), min_iou)
+
+
+def _best_shape(ious: dict[str, float], min_iou: float) -> str | None:
     best, best_iou = None, min_iou
-    area = mask.sum()
-    for name, template in _templates(*mask.shape).items():
-        inter = np.logical_and(mask, template).sum()
-        iou = inter / (area + template.sum() - inter)
+    for name, iou in ious.items():
         if iou >= best_iou:
             best, best_iou = name, iou
     return best
@@ -100,11 +121,13 @@ def classify_shape(mask: np.ndarray, min_iou: float) -> str | None:
 
 @dataclass(frozen=True)
 class Component:
-    """One connected region of a colour: pixel area, centroid x in pixels, classified shape."""
+    """One connected region of a colour: pixel area, centroid x in pixels, classified shape, and
+    its IoU with each ideal shape."""
 
     area: int
     cx: float
     shape: str | None
+    ious: dict[str, float]
 
 
 # Only regions that contain a solid 3x3 core count as objects: this drops the thin rings of
@@ -127,16 +150,22 @@ def find_components(labels: np.ndarray, color_index: int, min_area: int, min_iou
         if area < min_area or not has_core[i]:
             continue
         cx = box[1].start + float((crop.sum(axis=0) * (np.arange(crop.shape[1]) + 0.5)).sum()) / area
-        components.append(Component(area, cx, classify_shape(crop, min_iou)))
+        ious = shape_ious(crop)
+        components.append(Component(area, cx, _best_shape(ious, min_iou), ious))
     return sorted(components, key=lambda c: -c.area)
+
+
+def _frame(labels: np.ndarray, width: int) -> np.ndarray:
+    """The labels on the outer frame of ``width`` pixels of labels int [H, W], flattened."""
+    frame = np.ones(labels.shape, bool)
+    frame[width:-width, width:-width] = False
+    return labels[frame]
 
 
 def border_color(labels: np.ndarray, width: int) -> str | None:
     """Most frequent palette colour on the outer frame of ``width`` pixels of labels int [H, W];
     None when no frame pixel has a palette colour."""
-    frame = np.ones(labels.shape, bool)
-    frame[width:-width, width:-width] = False
-    values = labels[frame]
+    values = _frame(labels, width)
     values = values[values != _NO_COLOR]
     if values.size == 0:
         return None
@@ -154,43 +183,80 @@ class VerifiableReward:
     min_shape_iou: a component whose best ideal-shape IoU is lower has no shape (a circle's IoU
         with the square fitted to it is pi/4 ~ 0.785, so 0.6 only rejects irregular blobs).
     border_frac: width of the frame read for the background colour, as a fraction of the side.
+    soft: partial credit per constraint (see the module docstring) instead of met / not met.
+    object_area_frac: with ``soft``, the pixel area (fraction of the image) at which a colour
+        earns the full colour credit without forming an object: about the smallest object the
+        world draws (a triangle with a side of 0.24 of the image).
+    shape_margin: with ``soft``, the IoU lead over the best other shape that earns full shape
+        credit (no lead: half).
+    position_scale: with ``soft``, the centroid distance (fraction of the width) over which the
+        position credit goes from 0.5 to 0.73 (a logistic's unit).
     """
 
     color_threshold: float = 30.0
     min_area_frac: float = 0.004
     min_shape_iou: float = 0.6
     border_frac: float = 0.03
+    soft: bool = False
+    object_area_frac: float = 0.03
+    shape_margin: float = 0.2
+    position_scale: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("color_threshold", "min_area_frac", "min_shape_iou", "border_frac"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"verifiable reward option {name} must be > 0, got {getattr(self, name)!r}")
+        for name in (
+            "color_threshold", "min_area_frac", "min_shape_iou", "border_frac",
+            "object_area_frac", "shape_margin", "position_scale",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"verifiable reward option {name} must be a number > 0, got {value!r}")
+        if not isinstance(self.soft, bool):
+            raise ValueError(f"verifiable reward option soft must be true or false, got {self.soft!r}")
 
-    def check(self, labels: np.ndarray, spec: PromptSpec) -> dict[str, list[bool]]:
-        """Palette labels int [H, W] and a prompt -> the outcome of each constraint, by type."""
+    def check(self, labels: np.ndarray, spec: PromptSpec) -> dict[str, list[float]]:
+        """Palette labels int [H, W] and a prompt -> the credit of each constraint in [0, 1], by
+        type (0 or 1 unless ``soft``)."""
         h, w = labels.shape
         min_area = max(2, math.ceil(self.min_area_frac * h * w))
-        results: dict[str, list[bool]] = {t: [] for t in CONSTRAINT_TYPES}
+        results: dict[str, list[float]] = {t: [] for t in CONSTRAINT_TYPES}
         found = {
             o.color: find_components(labels, _PALETTE_NAMES.index(o.color), min_area, self.min_shape_iou)
             for o in spec.objects
         }
         for obj in spec.objects:
             comps = found[obj.color]
-            results["color"].append(len(comps) > 0)
-            results["count"].append(len(comps) == obj.count)
-            results["shape"].append(len(comps) > 0 and all(c.shape == obj.shape for c in comps))
+            if self.soft:
+                pixels = int((labels == _PALETTE_NAMES.index(obj.color)).sum())
+                results["color"].append(1.0 if comps else min(1.0, pixels / (self.object_area_frac * h * w)))
+                results["count"].append(2.0 ** -abs(len(comps) - obj.count) if comps else 0.0)
+                results["shape"].append(float(np.mean([self._shape_credit(c, obj.shape) for c in comps])) if comps else 0.0)
+            else:
+                results["color"].append(float(len(comps) > 0))
+                results["count"].append(float(len(comps) == obj.count))
+                results["shape"].append(float(len(comps) > 0 and all(c.shape == obj.shape for c in comps)))
         if spec.relation is not None:
             first, second = (found[o.color] for o in spec.objects)
-            ok = bool(first and second)
-            if ok:
-                dx = first[0].cx - second[0].cx
-                ok = dx < 0 if spec.relation == "left_of" else dx > 0
-            results["position"].append(ok)
+            credit = 0.0
+            if first and second:
+                # left_of: the first object's centroid has the smaller x.
+                lead = (second[0].cx - first[0].cx) * (1 if spec.relation == "left_of" else -1)
+                if self.soft:
+                    credit = 1.0 / (1.0 + math.exp(-lead / (self.position_scale * w)))
+                else:
+                    credit = float(lead > 0)
+            results["position"].append(credit)
         if spec.background is not None:
             width = max(1, round(self.border_frac * min(h, w)))
-            results["background"].append(border_color(labels, width) == spec.background)
+            if self.soft:
+                share = float((_frame(labels, width) == _PALETTE_NAMES.index(spec.background)).mean())
+                results["background"].append(min(1.0, 2.0 * share))
+            else:
+                results["background"].append(float(border_color(labels, width) == spec.background))
         return results
+
+    def _shape_credit(self, component: Component, shape: str) -> float:
+        other = max(iou for name, iou in component.ious.items() if name != shape)
+        return min(1.0, max(0.0, 0.5 + (component.ious[shape] - other) / (2 * self.shape_margin)))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
