@@ -71,6 +71,10 @@ def tiny_workspace(root, pipe, **sections):
     params["train"].update(lora_rank=2)
     params["eval"].update(num_steps=2)
     params["tracking"].update(uri=f"sqlite:///{root / 'mlflow.db'}")
+    if "reward" in sections:
+        # A test's reward replaces the shipped one, options included, and is what evaluation scores.
+        params["reward"] = {"options": {}, **sections.pop("reward")}
+        params["eval"]["reward"] = None
     for name, values in sections.items():
         params[name].update(values)
     path = root / "params.yaml"

@@ -62,7 +62,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, content: str | None = None, ti
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if content is None and path.exists() or content is not None and path.read_text().strip() == content:
+            if path.exists() if content is None else path.read_text().strip() == content:
                 return time.monotonic()
         except OSError:
             pass
@@ -95,10 +95,10 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(tmp_path: Path, tiny_
     proc = _start(killed_params)
     try:
         # Epoch 1 starts when the base model's evaluation grid is written and ends with its
-        # checkpoint; kill halfway through the equally long epoch 2.
+        # checkpoint; kill a third of the way into the equally long epoch 2 (its second batch).
         started = _wait_for(run / "samples" / "epoch_0000.png", proc)
         ended = _wait_for(ckpts / "latest", proc, content="epoch-000001")
-        time.sleep((ended - started) / 2)
+        time.sleep((ended - started) / 3)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()

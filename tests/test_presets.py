@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tpgrpo.cli import main
+from tpgrpo.cli import COMMANDS, main
 from tpgrpo.config import config_from_dict, load_config, merge_preset
 from tpgrpo.errors import ConfigError, ModelLoadError
 from tpgrpo.models import ManagedAdapter, TinyFluxConfig, build_tiny_flux, load_adapter, save_pipeline
@@ -138,6 +138,13 @@ def test_preset_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
     bad.write_text("sample:\n  window_size: 12\n")
     with pytest.raises(ConfigError, match=f"^{PARAMS} \\+ {bad}: sample.window_size: expected window_start"):
         load_config(PARAMS, preset=bad)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_takes_a_preset(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and "--preset FILE" in capsys.readouterr().out
 
 
 def test_cli_preset_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -335,10 +335,13 @@ def test_soft_background_is_the_frame_share() -> None:
 
 
 def test_soft_scores_rank_ground_truth_above_wrong_images() -> None:
-    soft = build_reward("verifiable", soft=True)
+    soft = build_reward("verifiable_soft")
+    assert soft.soft
     specs = mixed_specs(12, seed=3)
     images = to_batch(world.render(s, 64, i).filter(ImageFilter.GaussianBlur(1.0)) for i, s in enumerate(specs))
     right = soft(images, [s.prompt for s in specs], [s.to_dict() for s in specs]).scores
+    same = build_reward("verifiable", soft=True)(images, [s.prompt for s in specs], [s.to_dict() for s in specs])
+    assert torch.equal(right, same.scores)
     shifted = specs[1:] + specs[:1]
     wrong = soft(images, [s.prompt for s in shifted], [s.to_dict() for s in shifted]).scores
     assert right.mean() > 0.9 and (right > wrong).float().mean() > 0.9

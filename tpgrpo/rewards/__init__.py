@@ -56,6 +56,7 @@ class RewardFunction(Protocol):
 
 _REGISTRY: dict[str, str | Callable[..., RewardFunction]] = {
     "verifiable": "tpgrpo.rewards.verifiable:VerifiableReward",
+    "verifiable_soft": "tpgrpo.rewards.verifiable:SoftVerifiableReward",
     "pickscore": "tpgrpo.rewards.pickscore:PickScore",
     "clipscore": "tpgrpo.rewards.clipscore:ClipScore",
     "aesthetic": "tpgrpo.rewards.aesthetic:AestheticScore",

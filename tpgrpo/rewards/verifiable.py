@@ -288,3 +288,11 @@ class VerifiableReward:
             details={t: torch.from_numpy(v) for t, v in details.items()},
         )
 
+
+
+@dataclass(frozen=True)
+class SoftVerifiableReward(VerifiableReward):
+    """``verifiable_soft``: the verifiable reward with graded credit (``soft`` on by default), a
+    registry name of its own so that ``reward.name`` overrides never inherit a ``soft`` option."""
+
+    soft: bool = True
