@@ -52,7 +52,7 @@ class RolloutConfig:
         sampler: ``sde`` or ``cps``.
         log_prob: log-prob form; None = the sampler's default (see :mod:`tpgrpo.sde`).
         guidance_scale: classifier-free guidance (1 = off), for sampling and completions alike.
-        completions: also produce the ODE completions of z_0..z_W (TP-GRPO, incremental).
+        completions: also produce the completions of z_0..z_W (TP-GRPO, incremental).
         completion: how z_0..z_{W-1} are completed: ``ode`` (the full ODE run over the rest of
             the schedule, DESIGN §1), ``one_step`` (the one-step prediction z_k - sigma v(z_k),
             no extra forward) or ``coarse`` (``completion_steps`` Euler steps on a sub-grid of
@@ -303,7 +303,8 @@ def rollout(
     # disable=None: shown on a terminal only (see Trainer.rollout).
     for i in tqdm(range(cfg.num_steps), desc="rollout", disable=None if cfg.progress else True, leave=False):
         t = run.timesteps[i]
-        # Coarse completions skip indices; every other live branch is due at every index.
+        # An ODE completion is due at every index, a coarse one at its grid points only, and a
+        # finished one (index N) never.
         due = [b for b in branches if b.index == i]
         v = run.forward(
             torch.cat([x, *(b.latents for b in due)]), t, own.repeat(1 + len(due)), completions=len(due) * B
