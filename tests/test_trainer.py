@@ -72,6 +72,25 @@ def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "samples" / "epoch_0002.png").is_file()
 
+    # The exported LoRA, loaded as a user loads it, is the trained EMA model (alpha included).
+    from tpgrpo.models import load_pipeline
+
+    loaded = load_pipeline(workspace / "base")
+    loaded.load_lora_weights(out / "final")
+    config = trainer.transformer.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 5, config.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, config.pooled_projection_dim, generator=g)
+    t = torch.tensor([700.0, 300.0])
+    with torch.no_grad(), trainer.ema_weights():
+        trained = trainer.transformer(x, text, pooled, t).sample
+        with trainer._reference() as base:
+            untrained = base(x, text, pooled, t).sample
+        exported = loaded.transformer(x, text, pooled, t).sample
+    assert (trained - untrained).abs().max() > 1e-4  # the LoRA matters, so the check below can fail
+    torch.testing.assert_close(exported, trained, atol=1e-6, rtol=1e-5)
+
 
 @pytest.mark.slow
 def test_resume_is_bitwise_exact(workspace: Path) -> None:

@@ -665,7 +665,11 @@ class Trainer:
                 from peft.utils import get_peft_model_state_dict
 
                 type(self.adapter.pipe).save_lora_weights(
-                    tmp, transformer_lora_layers=get_peft_model_state_dict(self.transformer)
+                    tmp,
+                    transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+                    # The LoRA config (alpha above all) travels in the file: without it diffusers
+                    # assumes alpha = rank and applies the update at rank / alpha of its strength.
+                    transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
                 )
         if path.exists():
             shutil.rmtree(path)
