@@ -105,6 +105,9 @@ def test_every_preset_loads_with_both_paper_variants(preset: Path, tmp_path: Pat
         for key, value in EXPECTED[preset.stem].items():
             assert flat[key] == value, (preset.stem, key)
         assert cfg.credit.mode == ("outcome" if variant == "flow_grpo" else "turning_point")
+        # Evaluation scores the preset's own reward, not the embedded world's strict check, which
+        # needs shape-world metadata that real prompt sets do not have.
+        assert cfg.eval.reward is None
         # Every value the preset sets wins over params.yaml (the variants change credit.* only).
         for section, values in raw.items():
             for key, value in values.items():
