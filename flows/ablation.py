@@ -1,15 +1,18 @@
-"""Prefect flow ``tpgrpo``: the ablation fan-out and its comparison.
+"""Prefect flow ``tpgrpo``: the ablation study, its fan-out and its comparison.
 
-One MLflow parent run per ablation; every (variant, seed) trains as its own child flow run of
-``tpgrpo-train`` (one MLflow child run each, nested under the parent), then a ``compare`` task
-writes ``reports/`` (:func:`tpgrpo.report.build_report`) and publishes the table and the markdown
-as Prefect artifacts and as artifacts of the parent MLflow run.
+The study is the params file's ``ablation`` section (variants, seeds, overrides, where runs and
+reports go); the flow's parameters override it. One MLflow parent run per ablation; every
+(variant, seed) trains as its own child flow run of ``tpgrpo-train`` (one MLflow child run each,
+nested under the parent), then a ``compare`` task writes the study's report
+(:func:`tpgrpo.study.build_study_report`: mean and spread over seeds, epochs to reach the
+reference, turning-point rates) and the table of every run (:func:`tpgrpo.report.build_report`),
+and publishes them as Prefect artifacts and as artifacts of the parent MLflow run.
 
 Where the children run:
 - when the deployment ``tpgrpo-train/train`` exists and is ready (a ``python -m flows.serve``
-  process or a worker of its work pool is polling), every child is submitted at once with
-  ``run_deployment`` and the flow waits for all of them: a pool with several workers (or one
-  ``serve`` process) trains variants in parallel;
+  process or a worker of its work pool is polling), the children are submitted with
+  ``run_deployment``, at most ``max_parallel`` unfinished at a time, and the flow waits for all
+  of them;
 - otherwise, or with ``in_process=True``, each child runs in this process as a subflow, one
   after the other.
 
@@ -17,8 +20,8 @@ A failing variant does not stop the others: its child flow run ends Failed, its 
 FAILED (created FAILED if it never got that far), the report lists it as failed, and after the
 comparison the ablation itself ends Failed, naming the failed variants.
 
-Run directories: ``<runs_dir>/<variant>`` for the params file's seed, ``<runs_dir>/<variant>-seed<N>``
-for other seeds (:func:`flows.training.run_name`).
+Run directories: ``<ablation.runs_dir>/<variant>-seed<N>``, or ``<variant>`` for the params
+file's own seed (:func:`tpgrpo.study.run_name`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from prefect.runtime import flow_run as current_flow_run
 from pydantic import Field
 
 from flows import require_api
-from flows.training import DEPLOYMENT_NAME, FLOW_NAME, FLOW_RUN_TAG, SEED_TAG, run_name, train_variant
+from flows.training import DEPLOYMENT_NAME, FLOW_NAME, FLOW_RUN_TAG, SEED_TAG, train_variant
 from tpgrpo.config import ExperimentConfig, load_config
+from tpgrpo.study import run_name
 
 TRAIN_DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 ABLATION_FLOW_NAME = "tpgrpo"
@@ -67,16 +71,16 @@ class ChildOutcome:
 
 
 def resolve_variants(cfg: ExperimentConfig, variants: list[str] | None) -> list[str]:
-    """The variants to run, in order, without duplicates; None means every variant of the
-    params file. Raises ValueError naming an unknown variant and the defined ones."""
-    defined = list(cfg.variants)
+    """The variants to run, in order, without duplicates; None means the study's
+    (``ablation.variants``). Raises ValueError naming an unknown variant and the defined ones."""
     if variants is None:
-        if not defined:
-            raise ValueError("the params file defines no variants; add some under 'variants' or pass `variants`")
-        return defined
+        if not cfg.ablation.variants:
+            raise ValueError("ablation.variants is empty; list the study's variants there or pass `variants`")
+        return list(cfg.ablation.variants)
     chosen = list(dict.fromkeys(variants))
     if not chosen:
         raise ValueError("variants: expected at least one variant name")
+    defined = list(cfg.variants)
     for name in chosen:
         if name not in cfg.variants:
             raise ValueError(f"unknown variant {name!r}; defined in the params file: {', '.join(defined) or 'none'}")
@@ -89,43 +93,57 @@ def resolve_variants(cfg: ExperimentConfig, variants: list[str] | None) -> list[
 @task(name="compare", task_run_name="compare", cache_policy=NO_CACHE, persist_result=False)
 def compare_task(
     runs_dir: str,
-    names: list[str],
+    variants: list[str],
+    seeds: list[int],
+    params_seed: int,
+    reference: str,
+    credit_modes: dict[str, str],
     reports_dir: str,
     tracking_uri: str | None,
     parent_run_id: str | None,
     failures: dict[str, str],
 ) -> dict[str, Any]:
-    """The ablation report (markdown, JSON, plots) to ``reports_dir``, to the parent MLflow run,
-    and as Prefect table and markdown artifacts."""
+    """The study's report (:func:`tpgrpo.study.build_study_report`: mean and spread over seeds)
+    and the table of every run (:func:`tpgrpo.report.build_report`) to ``reports_dir``, to the
+    parent MLflow run, and as Prefect table and markdown artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from tpgrpo.report import build_report
+    from tpgrpo.study import build_study_report
 
-    report = build_report(
+    names = [run_name(v, s, params_seed) for v in variants for s in seeds]
+    runs = build_report(
+        runs_dir, names, reports_dir, tracking_uri=tracking_uri, parent_run_id=parent_run_id, failures=failures
+    )
+    study = build_study_report(
         runs_dir,
-        names,
+        variants,
+        seeds,
         reports_dir,
+        params_seed=params_seed,
+        reference=reference,
+        credit_modes=credit_modes,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         failures=failures,
     )
-    records = json.loads(report.table.to_json(orient="records"))  # NaN -> null
     create_table_artifact(
-        table=records,
+        table=study.records(),
         key=TABLE_ARTIFACT_KEY,
-        description="TP-GRPO ablation: final eval reward per variant",
+        description="TP-GRPO ablation: final eval reward per variant, mean and std over seeds",
     )
-    plots = "\n".join(f"- `{p}`" for p in report.plot_paths.values())
+    plots = "\n".join(f"- `{p}`" for p in [*study.plot_paths.values(), *runs.plot_paths.values()])
     create_markdown_artifact(
-        markdown=f"{report.markdown}\nPlots:\n\n{plots}\n",
+        markdown=f"{study.markdown}\n{runs.markdown}\nPlots:\n\n{plots}\n",
         key=MARKDOWN_ARTIFACT_KEY,
         description="TP-GRPO ablation report",
     )
     return {
-        "markdown": str(report.markdown_path),
-        "json": str(report.json_path),
-        "plots": {k: str(v) for k, v in report.plot_paths.items()},
-        "failed": list(report.failed),
+        "markdown": str(study.markdown_path),
+        "json": str(study.json_path),
+        "runs_markdown": str(runs.markdown_path),
+        "plots": {k: str(v) for k, v in {**runs.plot_paths, **study.plot_paths}.items()},
+        "failed": list(runs.failed),
     }
 
 
@@ -186,31 +204,36 @@ def _run_in_process(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]:
     return outcomes
 
 
-def _run_on_deployment(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]:
+def _run_on_deployment(jobs: list[dict[str, Any]], logger, max_parallel: int) -> list[ChildOutcome]:
+    """Submit the jobs to the train deployment, at most ``max_parallel`` unfinished at a time,
+    and wait for all of them."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    submitted: dict[str, tuple[dict[str, Any], Any]] = {}
+    pending = list(jobs)
+    running: dict[str, tuple[dict[str, Any], Any]] = {}
     outcomes: dict[str, ChildOutcome] = {}
-    for job in jobs:
-        params = job["parameters"]
-        try:
-            run = run_deployment(TRAIN_DEPLOYMENT, parameters=params, flow_run_name=f"train-{job['name']}", timeout=0)
-        except Exception as exc:
-            outcomes[job["name"]] = ChildOutcome(job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}")
-            continue
-        logger.info("submitted %s as flow run %s", job["name"], run.id)
-        submitted[job["name"]] = (job, run.id)
     with get_client(sync_client=True) as client:
         while len(outcomes) < len(jobs):
-            for name, (job, flow_run_id) in submitted.items():
-                if name in outcomes:
+            while pending and len(running) < max_parallel:
+                job = pending.pop(0)
+                params = job["parameters"]
+                try:
+                    run = run_deployment(TRAIN_DEPLOYMENT, parameters=params, flow_run_name=f"train-{job['name']}", timeout=0)
+                except Exception as exc:
+                    outcomes[job["name"]] = ChildOutcome(
+                        job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}"
+                    )
                     continue
+                logger.info("submitted %s as flow run %s", job["name"], run.id)
+                running[job["name"]] = (job, run.id)
+            for name, (job, flow_run_id) in list(running.items()):
                 run = client.read_flow_run(flow_run_id)
                 if run.state is not None and run.state.is_final():
                     outcomes[name] = _outcome_from_state(run.state, name, job["parameters"]["variant"], job["seed"], str(flow_run_id))
-                    logger.info("%s: %s", name, run.state.name)
-            if len(outcomes) < len(jobs):
+                    logger.info("%s: %s (%d of %d done)", name, run.state.name, len(outcomes), len(jobs))
+                    del running[name]
+            if running:
                 time.sleep(POLL_SECONDS)
     return [outcomes[job["name"]] for job in jobs]
 
@@ -272,40 +295,50 @@ def _settle_mlflow(cfg: ExperimentConfig, parent_run_id: str | None, outcome: Ch
 @flow(name=ABLATION_FLOW_NAME, persist_result=False)
 def ablation(
     variants: list[str] | None = None,
-    seeds: Annotated[list[int], Field(min_length=1)] = [42],  # noqa: B006 - Prefect copies parameters
+    seeds: Annotated[list[int] | None, Field(min_length=1)] = None,
     epochs: Annotated[int | None, Field(ge=1)] = None,
     params_path: Annotated[str, Field(min_length=1)] = "params.yaml",
-    overrides: list[str] = [],  # noqa: B006
+    overrides: list[str] = [],  # noqa: B006 - Prefect copies parameters
     in_process: bool = False,
     restart: bool = False,
-    reports_dir: Annotated[str, Field(min_length=1)] = "reports",
+    reports_dir: Annotated[str | None, Field(min_length=1)] = None,
+    max_parallel: Annotated[int | None, Field(ge=1)] = None,
 ) -> dict[str, Any]:
-    """Train every (variant, seed) as a child flow run of tpgrpo-train and compare them.
+    """The ablation study of the params file's `ablation` section: every (variant, seed) as a
+    child flow run of tpgrpo-train, then the comparison over seeds. Every parameter left null
+    takes the `ablation` section's value.
 
     Returns a summary: the parent MLflow run id, each run's outcome, and the report's files.
     Raises AblationError (the flow run ends Failed) after the comparison when some run failed.
 
     Args:
-        variants: names under `variants` in the params file; null = all of them (by default
-            flow_grpo, incremental, tp_grpo, tp_grpo_plain).
-        seeds: one run per variant and seed; the params file's seed writes runs/<variant>,
-            others runs/<variant>-seed<N>.
+        variants: names under `variants` in the params file; null = ablation.variants
+            (flow_grpo, incremental, tp_grpo and tp_grpo without each of its options).
+        seeds: one run per variant and seed; null = ablation.seeds.
         epochs: overrides train.epochs for every run.
         params_path: the experiment file (relative to the working directory).
-        overrides: dotted overrides for every run, e.g. sample.batch_size=8.
+        overrides: dotted overrides for every run, e.g. sample.batch_size=8, applied after
+            ablation.overrides.
         in_process: train here, one run after the other, even if the tpgrpo-train/train
             deployment is ready.
         restart: discard existing run directories instead of resuming from their checkpoints.
-        reports_dir: where the comparison (ablation.md, ablation.json, plots) is written.
+        reports_dir: where the comparison (study.md, study.json, runs.md, plots) is written;
+            null = ablation.reports_dir.
+        max_parallel: training runs at once on the deployment; null = ablation.max_parallel.
     """
     logger = get_run_logger()
     params_file = Path(params_path).resolve()
-    child_overrides = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    study = load_config(params_file).ablation
+    # The study's own directory first, so that `overrides` can still move it.
+    child_overrides = [f"runs_dir={json.dumps(study.runs_dir)}", *study.override_list(), *overrides]
+    child_overrides += [f"train.epochs={epochs}"] if epochs is not None else []
     cfg = load_config(params_file, overrides=child_overrides)
     chosen = resolve_variants(cfg, variants)
-    seed_list = list(dict.fromkeys(seeds))
-    for name in chosen:  # every variant's config must load before anything starts
-        load_config(params_file, variant=name, overrides=child_overrides)
+    seed_list = list(dict.fromkeys(seeds if seeds is not None else study.seeds))
+    # Every variant's config must load before anything starts.
+    modes = {name: load_config(params_file, variant=name, overrides=child_overrides).credit.mode for name in chosen}
+    reports_dir = reports_dir or study.reports_dir
+    max_parallel = max_parallel or study.max_parallel
 
     from tpgrpo.tracking import finishing, open_tracker, run_tags
 
@@ -326,8 +359,9 @@ def ablation(
                 "variants": chosen,
                 "seeds": seed_list,
                 "epochs": epochs,
-                "overrides": list(overrides),
+                "overrides": child_overrides,
                 "params_path": str(params_file),
+                "runs_dir": cfg.runs_dir,
             }
         )
         jobs = []
@@ -349,8 +383,9 @@ def ablation(
                         },
                     }
                 )
+        logger.info("%d runs: %s x seeds %s, in %s", len(jobs), ", ".join(chosen), seed_list, cfg.runs_dir)
         if not in_process and _train_deployment_ready(logger):
-            outcomes = _run_on_deployment(jobs, logger)
+            outcomes = _run_on_deployment(jobs, logger, max_parallel)
         else:
             outcomes = _run_in_process(jobs, logger)
         for outcome in outcomes:
@@ -358,7 +393,11 @@ def ablation(
         failures = {o.name: o.message or o.status for o in outcomes if o.status != "ok"}
         report = compare_task(
             cfg.runs_dir,
-            [o.name for o in outcomes],
+            chosen,
+            seed_list,
+            cfg.seed,
+            cfg.ablation.reference,
+            modes,
             reports_dir,
             cfg.tracking.uri if parent.run_id else None,
             parent.run_id,
@@ -386,12 +425,13 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=main.__doc__)
-    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="default: every variant in the params file")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42], metavar="N")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="default: ablation.variants")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N", help="default: ablation.seeds")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--reports-dir", default="reports")
+    parser.add_argument("--reports-dir", default=None, help="default: ablation.reports_dir")
+    parser.add_argument("--max-parallel", type=int, default=None, metavar="N", help="default: ablation.max_parallel")
     parser.add_argument("--local", action="store_true", help="train in this process")
     parser.add_argument("--restart", action="store_true", help="discard existing run directories")
     args = parser.parse_args(argv)
@@ -405,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         in_process=args.local,
         restart=args.restart,
         reports_dir=args.reports_dir,
+        max_parallel=args.max_parallel,
         return_state=True,
     )
     print(f"ablation: {state.name}" + (f": {state.message}" if state.message and not state.is_completed() else ""))

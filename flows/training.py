@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
 from tpgrpo.config import load_config
+from tpgrpo.study import run_name
 
 FLOW_NAME = "tpgrpo-train"
 DEPLOYMENT_NAME = "train"
@@ -36,12 +37,6 @@ SEED_TAG = "seed"
 
 # Per-step task options; the reward is the step that talks to outside services.
 _RETRIES: dict[str, dict[str, Any]] = {"score": dict(retries=2, retry_delay_seconds=[2, 10])}
-
-
-def run_name(variant: str, seed: int | None, params_seed: int) -> str:
-    """The run's name and directory under ``runs_dir``: ``<variant>`` for the params file's seed
-    (so ``dvc repro`` and the flows share ``runs/<variant>``), ``<variant>-seed<N>`` otherwise."""
-    return variant if seed is None or seed == params_seed else f"{variant}-seed{seed}"
 
 
 def _summary(value: Any) -> dict[str, float]:

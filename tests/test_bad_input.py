@@ -136,7 +136,7 @@ def test_bad_params_file(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_unknown_variant(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(
         capsys, ws, [*_train(ws), "--variant", "tp_grpo_x"],
-        "variant 'tp_grpo_x' is not defined under 'variants' (defined: flow_grpo, incremental, tp_grpo, tp_grpo_plain)",
+        "variant 'tp_grpo_x' is not defined under 'variants' (defined: flow_grpo, incremental, tp_grpo, tp_grpo_no_balance, tp_grpo_no_consistent, tp_grpo_no_first_step, tp_grpo_plain)",
     )
 
 

@@ -90,6 +90,18 @@ def test_flat_names_are_dotted() -> None:
         ({"model": {"resolution": 50}}, "model.resolution: input should be a multiple of 16"),
         ({"variants": {"bad": {"credit.mode": "x"}}}, "variants.bad: credit.mode: input should be"),
         ({"variants": {"bad": {"credit.nope": 1}}}, "variants.bad: override 'credit.nope': unknown key 'credit.nope'"),
+        ({"variants": {"a": {}}, "pipeline": {"variants": ["a", "b"]}}, "pipeline.variants: 'b' is not defined under 'variants' (defined: a)"),
+        ({"variants": {"a": {}}, "pipeline": {"variants": ["a", "a"]}}, "pipeline.variants: expected distinct names"),
+        ({"variants": {"a": {}}, "ablation": {"variants": ["c"]}}, "ablation.variants: 'c' is not defined under 'variants'"),
+        ({"variants": {"a": {}}, "ablation": {"variants": ["a"], "reference": "b"}}, "ablation.reference: expected one of ablation.variants (a), got 'b'"),
+        ({"ablation": {"seeds": [1, 1]}}, "ablation.seeds: expected distinct seeds, got [1, 1]"),
+        ({"ablation": {"seeds": []}}, "ablation.seeds: list should have at least 1 item"),
+        ({"ablation": {"max_parallel": 0}}, "ablation.max_parallel: input should be greater than or equal to 1"),
+        ({"variants": {"a": {}}, "ablation": {"variants": ["a"], "reference": "a", "overrides": {"eval.evry": 2}}},
+         "ablation.overrides: override 'eval.evry': unknown key 'eval.evry'"),
+        ({"variants": {"a": {}}, "ablation": {"variants": ["a"], "reference": "a", "overrides": {"eval.every": 0}}},
+         "ablation.overrides: eval.every: input should be greater than or equal to 1"),
+        ({"train": {"num_threads": -1}}, "train.num_threads: input should be greater than or equal to 0"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_field(raw: dict, message: str) -> None:
@@ -125,6 +137,31 @@ def test_file_errors(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(scalar)
+
+
+def test_study_sections_of_the_shipped_params(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.pipeline.variants == ["flow_grpo", "incremental", "tp_grpo", "tp_grpo_plain"]
+    study = cfg.ablation
+    assert study.reference == "flow_grpo" and len(study.seeds) >= 3 and cfg.seed not in study.seeds
+    assert {"flow_grpo", "incremental", "tp_grpo"} <= set(study.variants)
+    removed = {name: cfg.variants[name] for name in study.variants if name.startswith("tp_grpo_no_")}
+    assert removed == {
+        "tp_grpo_no_consistent": {"credit.consistent": False},
+        "tp_grpo_no_first_step": {"credit.first_step": False},
+        "tp_grpo_no_balance": {"credit.balance": False},
+    }
+    # Relative study directories are anchored at the params file, wherever the flow runs.
+    assert study.runs_dir == str((ROOT / "ablation" / "runs").resolve())
+    moved = tmp_path / "elsewhere" / "params.yaml"
+    moved.parent.mkdir()
+    moved.write_text((ROOT / "params.yaml").read_text())
+    assert load_config(moved).ablation.reports_dir == str(tmp_path / "elsewhere" / "ablation" / "reports")
+    # The overrides reach a run as KEY=VALUE strings that parse back to the same values.
+    assert study.override_list() == ["eval.every=2", "train.num_threads=1"]
+    run = load_config(ROOT / "params.yaml", variant="tp_grpo", overrides=study.override_list())
+    assert run.eval.every == 2 and run.train.num_threads == 1
+    assert not any(k.startswith(("pipeline", "ablation")) for k in cfg.flat())
 
 
 def test_unknown_variant(tmp_path: Path) -> None:

@@ -90,13 +90,14 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
                 PREFECT, "deployment", "run", "tpgrpo/ablation",
                 "--param", f"params_path={tmp_path / 'params.yaml'}",
                 "--param", 'variants=["flow_grpo", "tp_grpo"]',
+                "--param", "seeds=[1, 2]",
                 "--param", "epochs=1",
-                "--param", f"reports_dir={tmp_path / 'reports'}",
                 "--watch",
             ],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (logs / "serve.log").read_text()[-3000:]
+        intervals = _train_run_intervals(env)
     finally:
         for proc in (serve, server):
             if proc is not None:
@@ -106,8 +107,36 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
     experiment = client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id
     runs = client.search_runs([experiment])
     children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert set(children) == {"flow_grpo", "tp_grpo"}
+    names = {f"{v}-seed{s}" for v in ("flow_grpo", "tp_grpo") for s in (1, 2)}
+    assert set(children) == names
     assert all(r.info.status == "FINISHED" for r in children.values())
     (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in children.values()}
     assert client.get_run(parent_id).info.status == "FINISHED"
-    assert "| tp_grpo |" in (tmp_path / "reports" / "ablation.md").read_text()
+    # The study's defaults from the params file: its run and report directories (next to it)
+    # and at most ablation.max_parallel training runs at once.
+    assert params["ablation"]["max_parallel"] == 2
+    assert {p.name for p in (tmp_path / "ablation" / "runs").iterdir()} == names
+    study = (tmp_path / "ablation" / "reports" / "study.md").read_text()
+    assert "| `flow_grpo` | 2/2 |" in study and "| `tp_grpo` | 2/2 |" in study
+    assert "| tp_grpo-seed2 | ok |" in (tmp_path / "ablation" / "reports" / "ablation.md").read_text()
+    assert len(intervals) == 4
+    most = max(sum(start <= t < end for start, end in intervals) for t, _ in intervals)
+    assert most <= 2, intervals
+
+
+def _train_run_intervals(env: dict) -> list[tuple[float, float]]:
+    """(start, end) in seconds of every finished tpgrpo-train flow run, from the Prefect CLI."""
+    import json
+
+    out = subprocess.run(
+        [PREFECT, "flow-run", "ls", "--flow-name", "tpgrpo-train", "--output", "json"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    from datetime import datetime
+
+    runs = json.loads(out)
+    return [
+        (datetime.fromisoformat(r["start_time"]).timestamp(), datetime.fromisoformat(r["end_time"]).timestamp())
+        for r in runs
+        if r.get("start_time") and r.get("end_time")
+    ]

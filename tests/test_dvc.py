@@ -45,7 +45,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     ).stdout.split()
     repo = tmp_path / "repo"
     for name in files:
-        if (ROOT / name).is_file() and not name.startswith(("reports/", "runs/")) and name != "dvc.lock":
+        if (ROOT / name).is_file() and not name.startswith(("reports/", "runs/", "ablation/")) and name != "dvc.lock":
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     params = _merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
@@ -61,7 +61,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     dvc = [sys.executable, "-m", "dvc"]
 
     _run([*dvc, "repro"], repo, env)
-    variants = list(params["variants"])
+    variants = params["pipeline"]["variants"]
     assert (repo / "data" / "prompts" / "test.jsonl").is_file()
     assert (repo / "models" / "base" / "model_index.json").is_file()
     for variant in variants:

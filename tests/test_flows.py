@@ -81,6 +81,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> Path:
 def _workspace(tmp_path: Path, assets: Path, epochs: int = 1) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(runs_dir=str(tmp_path / "runs"))
+    params["ablation"].update(runs_dir=str(tmp_path / "runs"), reports_dir=str(tmp_path / "reports"))
     params["model"].update(path=str(assets / "base"), resolution=32)
     params["data"].update(dir=str(assets / "prompts"))
     params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
@@ -145,7 +146,9 @@ def _frame(path: Path):
 
 def test_variant_names_are_checked_before_anything_runs() -> None:
     cfg = load_config(ROOT / "params.yaml")
-    assert resolve_variants(cfg, None) == ["flow_grpo", "incremental", "tp_grpo", "tp_grpo_plain"]
+    assert resolve_variants(cfg, None) == cfg.ablation.variants == [
+        "flow_grpo", "incremental", "tp_grpo", "tp_grpo_no_consistent", "tp_grpo_no_first_step", "tp_grpo_no_balance",
+    ]
     assert resolve_variants(cfg, ["tp_grpo", "flow_grpo", "tp_grpo"]) == ["tp_grpo", "flow_grpo"]
     with pytest.raises(ValueError, match=r"unknown variant 'tp-grpo'; defined in the params file: flow_grpo, incremental"):
         resolve_variants(cfg, ["flow_grpo", "tp-grpo"])
@@ -161,9 +164,11 @@ def test_ablation_form_validates_parameters() -> None:
     from prefect.utilities.callables import parameter_schema
 
     schema = parameter_schema(ablation).model_dump()["properties"]
-    assert schema["seeds"]["minItems"] == 1 and schema["seeds"]["default"] == [42]
+    assert schema["seeds"]["default"] is None
+    assert {"items": {"type": "integer"}, "minItems": 1, "type": "array"} in schema["seeds"]["anyOf"]
     assert {"minimum": 1, "type": "integer"} in schema["epochs"]["anyOf"]
-    assert "null = all of them" in schema["variants"]["description"]
+    assert {"minimum": 1, "type": "integer"} in schema["max_parallel"]["anyOf"]
+    assert "null = ablation.variants" in schema["variants"]["description"]
 
 
 def test_failed_children_always_end_failed_under_the_parent(tmp_path: Path) -> None:
@@ -200,6 +205,7 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     reports = tmp_path / "reports"
     state = ablation(
         variants=["flow_grpo", "tp_grpo"],
+        seeds=[42],
         epochs=2,
         params_path=str(params),
         reports_dir=str(reports),

@@ -211,9 +211,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from tpgrpo.report import build_report
 
     cfg = _config(args)
-    variants = args.variants or list(cfg.variants)
-    if not variants:
-        raise UserError(f"{args.params}: no variants to compare; define some under 'variants' or pass --variants")
+    variants = args.variants or cfg.pipeline.variants
     report = build_report(
         cfg.runs_dir,
         variants,
@@ -223,6 +221,35 @@ def cmd_report(args: argparse.Namespace) -> None:
     )
     print(report.markdown)
     print(f"report: {report.markdown_path}; MLflow UI: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    """Rebuild the ablation study's report (the `ablation` section: its variants, seeds and
+    directories) from the runs already under ablation.runs_dir: study.md, study.json and plots in
+    ablation.reports_dir. The study itself runs as the Prefect deployment tpgrpo/ablation."""
+    from tpgrpo.study import build_study_report
+
+    cfg = _config(args)
+    study = cfg.ablation
+    if not study.variants:
+        raise UserError(f"{args.params}: ablation.variants is empty; list the study's variants there")
+    modes = {
+        name: load_config(args.params, preset=args.preset, variant=name, overrides=args.overrides).credit.mode
+        for name in study.variants
+    }
+    report = build_study_report(
+        study.runs_dir,
+        study.variants,
+        study.seeds,
+        study.reports_dir,
+        params_seed=cfg.seed,
+        reference=study.reference,
+        credit_modes=modes,
+        tracking_uri=cfg.tracking.uri if args.parent_run_id else None,
+        parent_run_id=args.parent_run_id,
+    )
+    print(report.markdown)
+    print(f"report: {report.markdown_path}")
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -240,6 +267,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "train": (cmd_train, "fine-tune one variant with GRPO (resumable)"),
     "evaluate": (cmd_evaluate, "evaluate the base model or a variant's trained weights"),
     "report": (cmd_report, "compare the variants' runs: table and plots"),
+    "study": (cmd_study, "rebuild the ablation study's report from its runs"),
     "check": (cmd_check, "validate params.yaml and print the resolved configuration"),
 }
 
@@ -260,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             p.add_argument("--report", default="reports/base_model.json", help="metrics file (default: %(default)s)")
         if name == "report":
-            p.add_argument("--variants", nargs="+", default=None, help="run names to compare (default: all variants)")
+            p.add_argument("--variants", nargs="+", default=None, help="run names to compare (default: pipeline.variants)")
             p.add_argument("--out", default="reports", help="output directory (default: %(default)s)")
+            p.add_argument("--parent-run-id", default=None, help="MLflow run to attach the report to")
+        if name == "study":
             p.add_argument("--parent-run-id", default=None, help="MLflow run to attach the report to")
         if name == "evaluate":
             p.add_argument("--out", default=None, help="write the result as JSON (and a sample grid beside it)")

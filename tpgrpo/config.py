@@ -10,6 +10,7 @@ directly or collected under a named variant in the ``variants`` section.
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from pathlib import Path
@@ -209,7 +210,9 @@ class TrainSection(_Section):
     evaluation alike, so old and new log-probs come from the same arithmetic); the trainable
     weights are then kept in float32. ``gradient_checkpointing``: recompute the transformer
     blocks' activations in the backward pass instead of storing them (same gradients, less
-    memory, one more forward).
+    memory, one more forward). ``num_threads``: torch's CPU threads while the run trains (0 =
+    torch's default, one per core); 1 when several runs share a CPU's cores, as the ablation
+    study's do.
     """
 
     epochs: int = Field(20, ge=1)
@@ -231,6 +234,7 @@ class TrainSection(_Section):
         None, description="accelerate's autocast; None = the accelerate launch setting ('no' without one)"
     )
     gradient_checkpointing: bool = False
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default (one per core)")
 
 
 class RewardSection(_Section):
@@ -312,8 +316,45 @@ class TrackingSection(_Section):
     experiment: str = "tpgrpo"
 
 
+class PipelineSection(_Section):
+    """What ``dvc repro`` trains, evaluates and compares: names under ``variants``."""
+
+    variants: list[str] = Field(default_factory=list)
+
+
+class AblationSection(_Section):
+    """The seeded ablation study (the ``tpgrpo/ablation`` deployment, ``python -m flows.ablation``).
+
+    Every (variant, seed) trains with ``overrides`` (dotted, as in a variant) on top of the
+    variant's own, under ``runs_dir`` as ``<variant>-seed<N>``; the study's report goes to
+    ``reports_dir`` (:mod:`tpgrpo.study`). ``reference``: the variant whose mean final eval reward
+    the report's "epochs to reach" counts towards. ``max_parallel``: training runs at once when
+    they go to the ``tpgrpo-train/train`` deployment (runs in the flow's own process go one at
+    a time). Relative ``runs_dir`` / ``reports_dir`` are anchored at the params file's directory.
+    """
+
+    variants: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    reference: str = "flow_grpo"
+    max_parallel: int = Field(1, ge=1)
+    runs_dir: str = Field("ablation/runs", min_length=1)
+    reports_dir: str = Field("ablation/reports", min_length=1)
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> "AblationSection":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct seeds, got {self.seeds}")
+        return self
+
+    def override_list(self) -> list[str]:
+        """``overrides`` as ``KEY=VALUE`` strings (JSON values, which parse back as YAML)."""
+        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
+
+
 class ExperimentConfig(_Section):
-    """The whole experiment; ``variants`` maps a name to dotted overrides."""
+    """The whole experiment; ``variants`` maps a name to dotted overrides; ``pipeline`` and
+    ``ablation`` name the variants that ``dvc repro`` and the ablation study run."""
 
     seed: int = 42
     runs_dir: str = "runs"
@@ -328,10 +369,13 @@ class ExperimentConfig(_Section):
     eval: EvalSection = EvalSection()
     tracking: TrackingSection = TrackingSection()
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    pipeline: PipelineSection = PipelineSection()
+    ablation: AblationSection = AblationSection()
 
     def flat(self) -> dict[str, Any]:
-        """Every leaf under its dotted name (``credit.mode``), variants excluded: for trackers."""
-        return _flatten(self.model_dump(mode="json", exclude={"variants"}))
+        """Every leaf under its dotted name (``credit.mode``) of what a run trains with (variants,
+        pipeline and ablation excluded): for trackers."""
+        return _flatten(self.model_dump(mode="json", exclude={"variants", "pipeline", "ablation"}))
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
@@ -492,11 +536,45 @@ def config_from_dict(
                 raise ConfigError(f"variants.{name}: {exc}") from None
             except ValidationError as exc:
                 raise ConfigError(f"variants.{name}: {_first_error(exc)}") from None
+        _check_variant_lists(cfg, data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc)}") from None
-    return _resolve_tracking_uri(cfg, Path(base_dir))
+    return _resolve_ablation_dirs(_resolve_tracking_uri(cfg, Path(base_dir)), Path(base_dir))
+
+
+def _check_variant_lists(cfg: ExperimentConfig, data: Mapping[str, Any]) -> None:
+    """``pipeline.variants``, ``ablation.variants`` and ``ablation.reference`` name defined
+    variants; ``ablation.overrides`` are valid on every variant of the study."""
+    defined = ", ".join(cfg.variants) or "none"
+    for field, names in (("pipeline.variants", cfg.pipeline.variants), ("ablation.variants", cfg.ablation.variants)):
+        for name in names:
+            if name not in cfg.variants:
+                raise ConfigError(f"{field}: {name!r} is not defined under 'variants' (defined: {defined})")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{field}: expected distinct names, got {names}")
+    if cfg.ablation.variants and cfg.ablation.reference not in cfg.ablation.variants:
+        raise ConfigError(
+            f"ablation.reference: expected one of ablation.variants ({', '.join(cfg.ablation.variants)}), "
+            f"got {cfg.ablation.reference!r}"
+        )
+    base = {**data, "variants": {}}
+    for name in cfg.ablation.variants:
+        try:
+            ExperimentConfig.model_validate(apply_overrides(apply_overrides(base, cfg.variants[name] or {}), cfg.ablation.overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"ablation.overrides: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(f"ablation.overrides: {_first_error(exc)}") from None
+
+
+def _resolve_ablation_dirs(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
+    # The study is launched from wherever a Prefect worker runs; its outputs belong next to the
+    # params file that defines it.
+    study = cfg.ablation
+    dirs = {name: str((base_dir / getattr(study, name)).resolve()) for name in ("runs_dir", "reports_dir")}
+    return cfg.model_copy(update={"ablation": study.model_copy(update=dirs)})
 
 
 def _resolve_tracking_uri(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:

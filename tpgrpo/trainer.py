@@ -717,6 +717,8 @@ def train_variant_run(
         parent_run_id: MLflow run to nest under (an ablation).
         tags: extra MLflow tags.
         run_step: how each step runs (see :meth:`Trainer.fit`).
+
+    ``train.num_threads`` (when not 0) sets torch's CPU threads for the run, restored after.
     """
     from tpgrpo.tracking import finishing, open_tracker, run_tags
 
@@ -734,12 +736,18 @@ def train_variant_run(
         parent_run_id=parent_run_id,
         tags={**run_tags(variant or name), **(tags or {})},
     )
-    with finishing(tracker):
-        trainer = Trainer(cfg, variant=name, tracker=tracker, accelerator=acc)
-        try:
-            result = trainer.fit(run_step)
-        finally:
-            trainer.executor.shutdown(wait=False, cancel_futures=True)
+    threads = torch.get_num_threads()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    try:
+        with finishing(tracker):
+            trainer = Trainer(cfg, variant=name, tracker=tracker, accelerator=acc)
+            try:
+                result = trainer.fit(run_step)
+            finally:
+                trainer.executor.shutdown(wait=False, cancel_futures=True)
+    finally:
+        torch.set_num_threads(threads)  # an ablation's in-process runs share this process
     return RunOutcome(result, tracker.run_id, acc.is_main_process)
 
 
