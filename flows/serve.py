@@ -1,11 +1,12 @@
 """Serve both flows from one process: ``python -m flows.serve`` (run it in the project root).
 
 Deployments ``tpgrpo/ablation`` and ``tpgrpo-train/train``; every flow run executes in its own
-subprocess of this one, so an ablation's variants train in parallel up to ``--limit`` runs at
-once (the ablation's own run holds one slot while it waits). Then, from any shell with the same
+subprocess of this one, so an ablation's runs train in parallel: as many at once as the study's
+``ablation.max_parallel`` (the ablation submits no more), and never more than ``--limit`` flow
+runs (the ablation's own run holds one slot while it waits). Then, from any shell with the same
 ``PREFECT_API_URL`` (prefect.toml pins it for this directory)::
 
-    prefect deployment run tpgrpo/ablation --param epochs=2 --watch
+    prefect deployment run tpgrpo/ablation --watch
 
 Alternative with a work pool (several machines, or workers with their own limits): see
 prefect.yaml (``prefect deploy --all`` and ``prefect worker start --pool tpgrpo-pool``).
@@ -30,7 +31,7 @@ def build_deployments(train_concurrency: int | None = None) -> list:
     return [
         ablation.to_deployment(
             name=ABLATION_DEPLOYMENT,
-            description="TP-GRPO ablation: every variant (and seed) as a child run, then the comparison.",
+            description="The ablation study of params.yaml's `ablation` section: every (variant, seed) as a child run, then the comparison over seeds.",
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
         train_variant.to_deployment(

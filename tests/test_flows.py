@@ -255,14 +255,18 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     table = json.loads(table) if isinstance(table, str) else table
     assert [row["variant"] for row in table] == ["flow_grpo", "tp_grpo"]
     metrics = json.loads((tmp_path / "runs" / "tp_grpo" / "metrics.json").read_text())
-    assert table[1]["eval_reward"] == pytest.approx(metrics["eval_reward"])
-    assert "| tp_grpo | ok |" in by_key["tpgrpo-ablation-report"].data
+    assert table[1]["final_mean"] == pytest.approx(metrics["eval_reward"]) and table[1]["seeds_ok"] == 1
+    markdown = by_key["tpgrpo-ablation-report"].data
+    assert "| tp_grpo | ok |" in markdown and "| `tp_grpo` | 1/1 |" in markdown
+    study = (reports / "study.md").read_text()
+    assert "| `flow_grpo` | 1/1 |" in study and "| `tp_grpo` | 1/1 |" in study
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "reports")) == [
         "reports/ablation.json",
         "reports/ablation.md",
         "reports/reward_vs_epoch.png",
         "reports/turning_rate_per_step.png",
     ]
+    assert len(client.list_artifacts(parent.info.run_id, "study")) == 4
 
     # The task loop trains exactly what Trainer.fit trains.
     from tpgrpo.trainer import Trainer
@@ -323,6 +327,9 @@ def test_failing_variant_is_isolated_and_score_retries(prefect_api, assets: Path
     text = (reports / "ablation.md").read_text()
     assert "| flaky | ok |" in text and "| flaky-seed7 | ok |" in text and "| broken | failed |" in text
     assert re.search(r"- `broken`: .*RuntimeError: broken reward: always fails", text)
+    study = (reports / "study.md").read_text()
+    assert "| `broken` | 0/2 | n/a |" in study and "| `flaky` | 2/2 |" in study
+    assert re.search(r"- `broken-seed7`: .*broken reward: always fails", study)
 
 
 @pytest.mark.slow

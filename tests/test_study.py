@@ -169,7 +169,19 @@ def test_study_aggregates_over_seeds(study_runs: Path, tmp_path: Path) -> None:
     assert "`flow_grpo` | 0.000" not in text  # no per-step row for outcome credit
     assert "Within seed noise: `tp_grpo`, `tp_grpo_x`." in text
 
+    # Every pair, row − column: flow − tp = −mean(diffs); seeds 1 and 2 only against tp_grpo_x.
+    pairs = {(p.a, p.b): p for p in report.pairs}
+    assert set(pairs) == {("flow_grpo", "tp_grpo"), ("flow_grpo", "tp_grpo_x"), ("tp_grpo", "tp_grpo_x")}
+    assert pairs["flow_grpo", "tp_grpo"].mean == pytest.approx(-statistics.fmean(diffs))
+    tp_x = pairs["tp_grpo", "tp_grpo_x"]
+    assert tp_x.n == 2 and tp_x.ahead == 2 and tp_x.mean == pytest.approx(0.045)
+    assert tp_x.t == pytest.approx(0.045 / (statistics.stdev([0.05, 0.04]) / math.sqrt(2)))  # 9.0
+    assert not tp_x.resolved  # t(0.975, 1) = 12.7
+    assert "| `flow_grpo` | -0.017 (-1.25) | +0.015 (+3.00) |" in text
+    assert "| `tp_grpo` |  | +0.045 (+9.00) |" in text
+
     data = json.loads(report.json_path.read_text())
+    assert len(data["paired_differences"]) == 3
     assert data["reference"] == "flow_grpo" and data["seeds"] == [1, 2, 3]
     assert data["variants"]["tp_grpo"]["epochs_to_reach"] == {"1": 2, "2": 4, "3": None}
     assert data["variants"]["tp_grpo_x"]["runs"][2]["ok"] is False
@@ -237,3 +249,27 @@ def test_report_is_logged_to_the_parent_mlflow_run(study_runs: Path, tmp_path: P
     run = client.get_run(parent.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["study/tp_grpo/final_mean"] == pytest.approx(statistics.fmean([0.55, 0.56, 0.53]))
+
+
+def test_cli_rebuilds_the_report_from_the_ablation_section(study_runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from tpgrpo.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["variants"]["tp_grpo_x"] = {"credit.balance": False}
+    params["ablation"].update(
+        variants=["flow_grpo", "tp_grpo", "tp_grpo_x"], seeds=[1, 2, 3], runs_dir="runs", reports_dir="out"
+    )
+    path = tmp_path / "params.yaml"  # runs/ and out/ are relative to it
+    path.write_text(yaml.safe_dump(params))
+    assert main(["study", "--params", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| `tp_grpo` | 3/3 | 0.547 ± 0.015 |" in out and f"report: {tmp_path / 'out' / 'study.md'}" in out
+    assert "`flow_grpo` | 0.000" not in out  # flow_grpo is credit.mode outcome in params.yaml
+
+    params["ablation"].update(variants=[])
+    path.write_text(yaml.safe_dump(params))
+    assert main(["study", "--params", str(path)]) == 2
+    assert "ablation.variants is empty" in capsys.readouterr().err

@@ -5,8 +5,9 @@ Reads, for every (variant, seed), ``<runs_dir>/<run name>/metrics.json`` and ``h
 
 - ``study.md``: per variant, the final eval reward (mean ± std over seeds), its gain over the base
   model, the paired difference to the reference variant (same seeds) with a t test, the epochs
-  each seed took to reach the reference's mean final reward, the turning-point rate; then the
-  per-seed values, and the turning-point rate at each SDE step;
+  each seed took to reach the reference's final reward, the turning-point rate; then the paired
+  difference of every two variants, the per-seed values, and the turning-point rate at each SDE
+  step;
 - ``study.json``: the same numbers (NaN as null);
 - ``study_eval_reward.png``: eval reward against epoch, mean ± std band over seeds;
 - ``study_turning_rate_per_step.png``: turning-point rate per SDE step, mean ± std over seeds.
@@ -16,8 +17,8 @@ Definitions (all over the seeds whose run finished; a failed run is listed, neve
 - final: ``eval_reward`` of metrics.json; delta: final − ``eval_reward_initial`` (the base model
   under the same seed's evaluation noise);
 - std: the sample standard deviation (n − 1); none with one seed;
-- vs reference: the mean and std of final(variant, s) − final(reference, s) over the seeds s both
-  finished; t = mean / (std / √n), and "resolved" when |t| exceeds Student's two-sided 95%
+- vs reference (and every pair a, b): the mean and std of final(a, s) − final(b, s) over the
+  seeds s both finished; t = mean / (std / √n), and "resolved" when |t| exceeds Student's two-sided 95%
   critical value with n − 1 degrees of freedom;
 - epochs to reach: per seed, the first evaluated epoch (0 = the base model) whose eval reward is
   at least the reference's final eval reward on the same seed (same base model evaluation, same
@@ -88,6 +89,37 @@ def epochs_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | 
         if value >= target:
             return epoch
     return None
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``final(a, s) − final(b, s)`` over the seeds s on which both variants finished.
+
+    Attributes:
+        a, b: the variants.
+        n: the seeds compared.
+        mean, std: of the differences (None without seeds; std None with one).
+        t, resolved: the paired t statistic and whether it is significant at 5% (two-sided).
+        ahead: seeds on which ``a`` finished above ``b``.
+    """
+
+    a: str
+    b: str
+    n: int
+    mean: float | None
+    std: float | None
+    t: float | None
+    resolved: bool
+    ahead: int
+
+
+def paired_difference(a: str, a_runs: Sequence["SeedRun"], b: str, b_runs: Sequence["SeedRun"]) -> PairedDifference:
+    """The :class:`PairedDifference` of ``a`` minus ``b``, matched by seed."""
+    finals = {run.seed: run.final for run in b_runs if run.ok}
+    diffs = [run.final - finals[run.seed] for run in a_runs if run.ok and run.seed in finals]
+    mean, std = mean_std(diffs)
+    t, resolved = paired_t(diffs)
+    return PairedDifference(a, b, len(diffs), mean, std, t, resolved, sum(d > 0 for d in diffs))
 
 
 # --------------------------------------------------------------------------- one run
@@ -229,9 +261,7 @@ def summarize(
     delta_mean, delta_std = mean_std(deltas)
     by_seed = {run.seed: run for run in reference or () if run.ok}
     paired = [run for run in ok if run.seed in by_seed]
-    diffs = [] if is_reference else [run.final - by_seed[run.seed].final for run in paired]
-    vs_mean, vs_std = mean_std(diffs)
-    t, resolved = paired_t(diffs)
+    vs = paired_difference(variant, [] if is_reference else runs, "reference", reference or ())
     counted = ok if turning_points else []
     steps = sorted({k for run in counted for k in run.turning_per_step})
     per_step = {k: mean_std([run.turning_per_step[k] for run in counted if k in run.turning_per_step]) for k in steps}
@@ -244,12 +274,12 @@ def summarize(
         final_std=final_std,
         delta_mean=delta_mean,
         delta_std=delta_std,
-        vs_reference_mean=vs_mean,
-        vs_reference_std=vs_std,
-        vs_reference_t=t,
-        resolved=resolved,
-        wins=sum(d > 0 for d in diffs),
-        paired=len(diffs),
+        vs_reference_mean=vs.mean,
+        vs_reference_std=vs.std,
+        vs_reference_t=vs.t,
+        resolved=vs.resolved,
+        wins=vs.ahead,
+        paired=vs.n,
         epochs_to_reach={run.seed: epochs_to_reach(run.curve, by_seed[run.seed].final) for run in paired},
         turning_rate_mean=mean_std(rates)[0],
         turning_per_step_mean={k: v[0] for k, v in per_step.items()},
@@ -269,12 +299,14 @@ class StudyReport:
         summaries: one :class:`VariantSummary` per variant, in input order.
         reference: the reference variant.
         reference_mean: the reference's mean final eval reward (None if none of its seeds finished).
+        pairs: the paired difference of every two variants (a listed before b: a − b).
         markdown, markdown_path, json_path, plot_paths: the files.
     """
 
     summaries: tuple[VariantSummary, ...]
     reference: str
     reference_mean: float | None
+    pairs: tuple[PairedDifference, ...]
     markdown: str
     markdown_path: Path
     json_path: Path
@@ -348,7 +380,10 @@ def build_study_report(
         )
         for v in names
     )
-    markdown = _markdown(summaries, reference if reference_runs is not None else None, seeds, runs_dir)
+    pairs = tuple(
+        paired_difference(a, runs[a], b, runs[b]) for i, a in enumerate(names) for b in names[i + 1 :]
+    )
+    markdown = _markdown(summaries, pairs, reference if reference_runs is not None else None, seeds, runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown_path, json_path = out_dir / MARKDOWN_NAME, out_dir / JSON_NAME
     _atomic_write_text(markdown_path, markdown)
@@ -356,14 +391,15 @@ def build_study_report(
         "reference": reference,
         "reference_mean": reference_mean,
         "seeds": seeds,
-        "variants": {s.variant: _json_summary(s) for s in summaries},
+        "variants": {s.variant: asdict(s) for s in summaries},
+        "paired_differences": [asdict(p) for p in pairs],
     }
     _atomic_write_text(json_path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
     plot_paths = {
         "study_eval_reward": _reward_plot(summaries, reference_mean, reference, out_dir / REWARD_PLOT_NAME),
         "study_turning_rate_per_step": _turning_plot(summaries, out_dir / TURNING_PLOT_NAME),
     }
-    report = StudyReport(summaries, reference, reference_mean, markdown, markdown_path, json_path, plot_paths)
+    report = StudyReport(summaries, reference, reference_mean, pairs, markdown, markdown_path, json_path, plot_paths)
     if tracking_uri and parent_run_id:
         log_study_to_mlflow(report, tracking_uri, parent_run_id)
     return report
@@ -388,7 +424,11 @@ def _epochs_cell(values: Mapping[int, int | None]) -> str:
 
 
 def _markdown(
-    summaries: Sequence[VariantSummary], reference: str | None, seeds: Sequence[int], runs_dir: Path
+    summaries: Sequence[VariantSummary],
+    pairs: Sequence[PairedDifference],
+    reference: str | None,
+    seeds: Sequence[int],
+    runs_dir: Path,
 ) -> str:
     ref = reference or "(not run)"
     lines = [
@@ -434,6 +474,30 @@ def _markdown(
         if unresolved:
             lines.append(f"Within seed noise: {', '.join(f'`{s.variant}`' for s in unresolved)}.")
 
+    if len(summaries) > 2:
+        names = [s.variant for s in summaries]
+        by_pair = {(p.a, p.b): p for p in pairs}
+        lines += [
+            "",
+            "Paired differences of the final eval reward, row − column, mean over the seeds both "
+            "finished (t; * = significant at 5%):",
+            "",
+            "| | " + " | ".join(f"`{n}`" for n in names[1:]) + " |",
+            "|---|" + "---:|" * (len(names) - 1),
+        ]
+        for i, row in enumerate(names[:-1]):
+            cells = []
+            for j, column in enumerate(names[1:], start=1):
+                p = by_pair.get((row, column))
+                if j <= i:
+                    cells.append("")
+                elif p is None or p.mean is None:
+                    cells.append("n/a")
+                else:
+                    t = "" if p.t is None else f" ({p.t:+.2f}{'*' if p.resolved else ''})"
+                    cells.append(f"{p.mean:+.3f}{t}")
+            lines.append(f"| `{row}` | " + " | ".join(cells) + " |")
+
     lines += ["", "Final eval reward per seed:", ""]
     lines.append("| variant | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
     lines.append("|---|" + "---:|" * len(seeds))
@@ -458,19 +522,6 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
-def _json_summary(s: VariantSummary) -> dict[str, Any]:
-    out = {k: v for k, v in asdict(s).items() if k != "runs"}
-    out["runs"] = [
-        {k: v for k, v in asdict(run).items() if k != "curve"} | {"curve": [list(p) for p in run.curve]} for run in s.runs
-    ]
-    out["turning_per_step_mean"] = {str(k): v for k, v in s.turning_per_step_mean.items()}
-    out["turning_per_step_std"] = {str(k): v for k, v in s.turning_per_step_std.items()}
-    for run in out["runs"]:
-        run["turning_per_step"] = {str(k): v for k, v in run["turning_per_step"].items()}
-    out["epochs_to_reach"] = {str(k): v for k, v in s.epochs_to_reach.items()}
-    return out
-
-
 def _record(s: VariantSummary) -> dict[str, Any]:
     return _json_safe(
         {
@@ -493,6 +544,7 @@ def _record(s: VariantSummary) -> dict[str, Any]:
 
 
 def _json_safe(node: Any) -> Any:
+    """Mappings with string keys (seeds, steps), tuples as lists, infinities as strings."""
     if isinstance(node, dict):
         return {str(k): _json_safe(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
@@ -606,11 +658,13 @@ __all__ = [
     "SeedRun",
     "StudyReport",
     "VariantSummary",
+    "PairedDifference",
     "build_study_report",
     "epochs_to_reach",
     "log_study_to_mlflow",
     "mean_curve",
     "mean_std",
+    "paired_difference",
     "paired_t",
     "read_seed_run",
     "run_name",
