@@ -327,8 +327,8 @@ class AblationSection(_Section):
 
     Every (variant, seed) trains with ``overrides`` (dotted, as in a variant) on top of the
     variant's own, under ``runs_dir`` as ``<variant>-seed<N>``; the study's report goes to
-    ``reports_dir`` (:mod:`tpgrpo.study`). ``reference``: the variant whose mean final eval reward
-    the report's "epochs to reach" counts towards. ``max_parallel``: training runs at once when
+    ``reports_dir`` (:mod:`tpgrpo.study`). ``reference``: the variant the report compares the
+    others with, seed by seed (paired difference, epochs to reach its final eval reward). ``max_parallel``: training runs at once when
     they go to the ``tpgrpo-train/train`` deployment (runs in the flow's own process go one at
     a time). Relative ``runs_dir`` / ``reports_dir`` are anchored at the params file's directory.
     """
