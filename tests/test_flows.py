@@ -227,7 +227,10 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     assert children["tp_grpo"].data.tags["variant"] == "tp_grpo"
 
     # Prefect: the children are Completed subflow runs of the ablation, with the task DAG.
+    # The study's overrides (params.yaml: eval.every 2) reach every child: no evaluation at epoch 1.
+    assert load_config(params).ablation.overrides["eval.every"] == 2
     expected = {f"{name}-epoch-{e}" for name in TASKS for e in (1, 2)} | {"evaluate-epoch-0", "finalize"}
+    expected -= {"evaluate-epoch-1"}
     for name, run in children.items():
         flow_run = _flow_run(run.data.tags[FLOW_RUN_TAG])
         assert flow_run.name == f"train-{name}" and flow_run.state.is_completed()
@@ -235,7 +238,7 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
         with get_client(sync_client=True) as prefect:
             assert str(prefect.read_task_run(flow_run.parent_task_run_id).flow_run_id) == parent_flow_run_id
         task_runs = _task_run_names(str(flow_run.id), expected)
-        assert expected <= set(task_runs), sorted(task_runs)
+        assert expected <= set(task_runs) and "evaluate-epoch-1" not in task_runs, sorted(task_runs)
         assert all(task_runs[n].state.is_completed() for n in expected)
         # the DAG: score depends on rollout, credit on score, update on credit
         inputs = {k: {i.id for i in v} for k, v in task_runs["credit-epoch-2"].task_inputs.items()}
@@ -271,7 +274,8 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     # The task loop trains exactly what Trainer.fit trains.
     from tpgrpo.trainer import Trainer
 
-    cfg = load_config(params, variant="tp_grpo", overrides=["train.epochs=2", f"runs_dir={tmp_path / 'fit'}"])
+    study = load_config(params).ablation.override_list()
+    cfg = load_config(params, variant="tp_grpo", overrides=[*study, "train.epochs=2", f"runs_dir={tmp_path / 'fit'}"])
     Trainer(cfg, variant="tp_grpo").fit()
     flow_dir, fit_dir = tmp_path / "runs" / "tp_grpo", tmp_path / "fit" / "tp_grpo"
     import pandas as pd
