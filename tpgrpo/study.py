@@ -202,8 +202,8 @@ class VariantSummary:
         variant: the variant's name.
         runs: every seed's :class:`SeedRun`, in seed order, failed ones included.
         final_mean / final_std, delta_mean / delta_std: over the finished seeds.
-        vs_reference_mean / vs_reference_std: the paired difference to the reference (0 for the
-            reference itself is not reported: None).
+        vs_reference_mean / vs_reference_std: the paired difference to the reference (None for
+            the reference itself).
         vs_reference_t / resolved: its t statistic, and whether it is significant at 5%.
         wins: finished seeds on which the variant beat the reference, of ``paired`` compared.
         epochs_to_reach: ``{seed: epoch or None}`` for the seeds on which both the variant and the
