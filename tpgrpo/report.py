@@ -319,17 +319,8 @@ def _reward_plot(runs: list[_Run], path: Path) -> Path:
         if epochs:
             eval_ax.plot(epochs, values, color=color, marker="o", linestyle="--", label=run.variant)
             any_eval = True
-    from matplotlib.ticker import MaxNLocator
-
     for ax, has_data in ((train_ax, any_train), (eval_ax, any_eval)):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("reward")
-        ax.grid(alpha=0.3)
-        if has_data:
-            ax.legend(fontsize="small")
-        else:
-            _no_data(ax)
+        _epoch_axes(ax, has_data, "reward")
     return _save(fig, path)
 
 
@@ -367,6 +358,20 @@ def _turning_plot(runs: list[_Run], path: Path) -> Path:
     else:
         _no_data(ax)
     return _save(fig, path)
+
+
+def _epoch_axes(ax, has_data: bool, ylabel: str) -> None:
+    """Integer epochs on x, a grid, and a legend (or "no data" when nothing was drawn)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if has_data:
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax)
 
 
 def _no_data(ax) -> None:

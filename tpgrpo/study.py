@@ -38,7 +38,17 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from tpgrpo.report import _STEP_COLUMN, _atomic_write_text, _colors, _figure, _no_data, _number, _read_history, _save
+from tpgrpo.report import (
+    _STEP_COLUMN,
+    _atomic_write_text,
+    _colors,
+    _epoch_axes,
+    _figure,
+    _no_data,
+    _number,
+    _read_history,
+    _save,
+)
 
 MARKDOWN_NAME = "study.md"
 JSON_NAME = "study.json"
@@ -587,16 +597,7 @@ def _reward_plot(summaries: Sequence[VariantSummary], reference_mean: float | No
         drawn = True
     if reference_mean is not None:
         ax.axhline(reference_mean, color="grey", linestyle=":", label=f"{reference} mean final")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("eval reward")
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax)
+    _epoch_axes(ax, drawn, "eval reward")
     return _save(fig, path)
 
 
