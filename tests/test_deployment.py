@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -126,14 +128,10 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
 
 def _train_run_intervals(env: dict) -> list[tuple[float, float]]:
     """(start, end) in seconds of every finished tpgrpo-train flow run, from the Prefect CLI."""
-    import json
-
     out = subprocess.run(
         [PREFECT, "flow-run", "ls", "--flow-name", "tpgrpo-train", "--output", "json"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
-    from datetime import datetime
-
     runs = json.loads(out)
     return [
         (datetime.fromisoformat(r["start_time"]).timestamp(), datetime.fromisoformat(r["end_time"]).timestamp())
