@@ -69,6 +69,9 @@ class ModelSection(_Section):
     resolution: int = Field(64, ge=16, multiple_of=16)
     offload_text_encoders: bool = False
     offload_vae: bool = False
+    max_sequence_length: int | None = Field(
+        None, ge=1, description="T5 tokens per prompt; None = the tokenizer's length capped at the pipeline's 256 (SD3) / 512 (FLUX)"
+    )
 
 
 class DataSection(_Section):
@@ -141,7 +144,9 @@ class SampleSection(_Section):
     ``cache_text_embeddings``: keep the embeddings of up to ``text_embedding_cache_size``
     distinct prompts in CPU memory and reuse them (see :mod:`tpgrpo.models.managed`).
     ``completion`` / ``completion_steps``: how the intermediate states are completed to the
-    images TP-GRPO scores (see :class:`tpgrpo.rollout.RolloutConfig`).
+    images TP-GRPO scores (see :class:`tpgrpo.rollout.RolloutConfig`). ``baseline_noise``: R_0
+    scores the pure-ODE image from the trajectory's own x_T (``shared``, the paper's definition)
+    or from fresh noise (``independent``, the published code's ``same_latent=False``).
     """
 
     num_steps: int = Field(10, ge=1)
@@ -153,6 +158,7 @@ class SampleSection(_Section):
     guidance_scale: float = Field(2.0, ge=1.0)
     completion: Literal["ode", "one_step", "coarse"] = "ode"
     completion_steps: int = Field(2, ge=1, description="Euler steps of a coarse completion")
+    baseline_noise: Literal["shared", "independent"] = "shared"
     batch_size: int = Field(16, ge=1, description="trajectories per rollout batch, summed over processes")
     group_size: int = Field(4, ge=2, description="trajectories per prompt (the GRPO group)")
     batches_per_epoch: int = Field(2, ge=1)
@@ -183,17 +189,25 @@ class SampleSection(_Section):
 
 
 class CreditSection(_Section):
-    """Step-level credit assignment (see :mod:`tpgrpo.credit`)."""
+    """Step-level credit assignment (see :mod:`tpgrpo.credit`).
+
+    ``balance_key``: rank turning points by their own ``|R_W - R_{k-1}|`` (``aggregated``) or by
+    their trajectory's ``|R_W - R_0|`` (``trajectory``, the published code). ``balance_scope``:
+    balance over the whole gathered rollout batch (``batch``) or within each process's slice of
+    it (``process``, the published code's per-GPU sampling batch).
+    """
 
     mode: Literal["outcome", "incremental", "turning_point"] = "turning_point"
     consistent: bool = True
     first_step: bool = True
     balance: bool = True
+    balance_key: Literal["aggregated", "trajectory"] = "aggregated"
+    balance_scope: Literal["batch", "process"] = "batch"
     replace: bool = True
     eta: float = Field(1.0, gt=0.0)
 
     def to_credit_config(self) -> CreditConfig:
-        return CreditConfig(**self.model_dump())
+        return CreditConfig(**self.model_dump(exclude={"balance_scope"}))
 
 
 class AdvantageSection(_Section):
@@ -213,6 +227,16 @@ class TrainSection(_Section):
     memory, one more forward). ``num_threads``: torch's CPU threads while the run trains (0 =
     torch's default, one per core); 1 when several runs share a CPU's cores, as the ablation
     study's do.
+
+    ``gradient_accumulation``: rollout batches per optimizer step (it must divide
+    ``sample.batches_per_epoch``; the published setting is 2 optimizer steps an epoch).
+    ``micro_batch_size``: trajectories per forward/backward in the update (None = all kept rows of
+    a batch at once); the gradients are the same. ``ema_decay`` / ``ema_every``: an EMA of the
+    trainable weights (diffusers' ``EMAModel``) with decay ``min((1 + s) / (10 + s), ema_decay)``
+    at optimizer step s, applied after every rollout batch's update when ``(s + 1) % ema_every ==
+    0`` (the published cadence); the EMA weights are what evaluation and the export use.
+    ``max_nonfinite_updates``: a non-finite loss or gradient norm skips that optimizer step; this
+    many in a row stop the run (its last checkpoint stays).
     """
 
     epochs: int = Field(20, ge=1)
@@ -228,7 +252,11 @@ class TrainSection(_Section):
     lora_rank: int | None = Field(8, ge=1, description="None = full fine-tuning")
     lora_alpha: float = Field(16.0, gt=0.0)
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
-    ema_decay: float | None = Field(0.9, ge=0.0, lt=1.0)
+    gradient_accumulation: int = Field(1, ge=1, description="rollout batches per optimizer step")
+    micro_batch_size: int | None = Field(None, ge=1, description="trajectories per forward/backward in the update; None = all")
+    ema_decay: float | None = Field(0.9, ge=0.0, lt=1.0, description="max EMA decay; None = no EMA")
+    ema_every: int = Field(1, ge=1, description="optimizer steps between EMA updates")
+    max_nonfinite_updates: int = Field(3, ge=1, description="non-finite updates in a row that stop the run")
     checkpoint_every: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
         None, description="accelerate's autocast; None = the accelerate launch setting ('no' without one)"
@@ -371,6 +399,15 @@ class ExperimentConfig(_Section):
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: PipelineSection = PipelineSection()
     ablation: AblationSection = AblationSection()
+
+    @model_validator(mode="after")
+    def _check_accumulation(self) -> "ExperimentConfig":
+        if self.sample.batches_per_epoch % self.train.gradient_accumulation:
+            raise ValueError(
+                f"train.gradient_accumulation: expected a divisor of sample.batches_per_epoch "
+                f"({self.sample.batches_per_epoch}), got {self.train.gradient_accumulation}"
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Every leaf under its dotted name (``credit.mode``) of what a run trains with (variants,

@@ -28,6 +28,7 @@ from torch import Tensor
 
 CreditMode = Literal["outcome", "incremental", "turning_point"]
 CREDIT_MODES: tuple[str, ...] = ("outcome", "incremental", "turning_point")
+BalanceKey = Literal["aggregated", "trajectory"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class CreditConfig:
     consistent: bool = True
     first_step: bool = True
     balance: bool = True
+    balance_key: BalanceKey = "aggregated"
     replace: bool = True
     eta: float = 1.0
 
