@@ -18,7 +18,7 @@ Steps (DESIGN.md §3):
    (x_t = (1 - sigma) x_0 + sigma eps, target v = eps - x_0, timestep = 1000 sigma as the pipeline
    passes it, logit-normal sigma), dropping captions to the empty prompt's embedding (exactly the
    negative branch the pipeline uses for classifier-free guidance), AdamW, and an EMA of the weights
-   that becomes the saved model;
+   (:class:`tpgrpo.ema.WeightEMA`, warm-up decay up to ``ema_decay``) that becomes the saved model;
 5. save with :func:`tpgrpo.models.save_pipeline` and reload with a plain
    ``StableDiffusion3Pipeline.from_pretrained``, the path a real SD3.5 checkpoint takes;
 6. evaluate the reloaded model and a freshly built untrained one on test prompts (ODE sampler).
@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from tpgrpo import world
 from tpgrpo.config import PretrainSection
 from tpgrpo.data import PromptSet
+from tpgrpo.ema import WeightEMA
 from tpgrpo.evaluate import EvalResult, evaluate_prompts
 from tpgrpo.models import TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
 from tpgrpo.models.base import _quiet_progress
@@ -303,9 +304,7 @@ def train_transformer(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, cfg.transformer_steps, cfg.warmup_steps, cfg.min_lr_ratio)
     )
-    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-    ema_keys = [k for k, v in transformer.named_parameters()]
-    named = dict(transformer.named_parameters())
+    ema = WeightEMA(dict(transformer.named_parameters()), decay=cfg.ema_decay)
 
     losses: list[float] = []
     bar = tqdm(range(cfg.transformer_steps), desc="transformer", disable=not progress, leave=False)
@@ -333,15 +332,14 @@ def train_transformer(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         schedule.step()
-        d = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k in ema_keys:
-                ema[k].lerp_(named[k].detach(), 1 - d)
+        ema.update(step)
         losses.append(loss.item())
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     transformer.eval()
-    return ema, losses
+    averaged = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    averaged |= {k: v.detach().clone() for k, v in ema.state().items()}
+    return averaged, losses
 
 
 # --------------------------------------------------------------------------------------------

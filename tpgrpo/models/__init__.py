@@ -70,13 +70,15 @@ def load_adapter(
     source: str | os.PathLike[str] | DiffusionPipeline,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    max_sequence_length: int | None = None,
 ) -> ModelAdapter:
     """The adapter for a pipeline object or a pipeline directory (loaded with ``load_pipeline``;
-    ``dtype`` and ``device`` apply only then). Raises ModelLoadError for unsupported pipelines."""
+    ``dtype`` and ``device`` apply only then). ``max_sequence_length``: T5 tokens per prompt
+    (None: the adapter's default). Raises ModelLoadError for unsupported pipelines."""
     pipe = source if isinstance(source, DiffusionPipeline) else load_pipeline(source, dtype, device)
     for pipeline_class, adapter_class in _ADAPTERS.items():
         if isinstance(pipe, pipeline_class):
-            return adapter_class(pipe)
+            return adapter_class(pipe, max_sequence_length)
     supported = ", ".join(c.__name__ for c in _ADAPTERS)
     raise ModelLoadError(f"{type(pipe).__name__} is not supported (supported: {supported})")
 
