@@ -34,3 +34,8 @@ class RewardError(UserError, RuntimeError):
 
 class TrackingError(UserError, RuntimeError):
     """The MLflow tracking store cannot be created or written."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on as configured (e.g. non-finite updates in a row); the run stops with its
+    last checkpoint intact."""

@@ -47,7 +47,8 @@ from tpgrpo.checkpoint import (
 from tpgrpo.config import ExperimentConfig
 from tpgrpo.credit import assign_credit
 from tpgrpo.data import GroupPlan, PromptSet, epoch_batches, load_prompt_set
-from tpgrpo.errors import ModelLoadError, RewardError, UserError
+from tpgrpo.ema import WeightEMA
+from tpgrpo.errors import ModelLoadError, RewardError, TrainingError, UserError
 from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
 from tpgrpo.loss import grpo_loss
 from tpgrpo.models import ManagedAdapter, check_family, load_adapter
@@ -208,7 +209,13 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
         )
         self.ddp_transformer, self.optimizer = self.acc.prepare(self.transformer, optimizer)
-        self.ema = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.train.ema_decay else None
+        self.ema = (
+            WeightEMA(self.trainable, decay=cfg.train.ema_decay, every=cfg.train.ema_every)
+            if cfg.train.ema_decay is not None
+            else None
+        )
+        self.optimizer_steps = 0
+        self.nonfinite_streak = 0
 
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self.epoch = 0
@@ -377,49 +384,117 @@ class Trainer:
         return EpochCredit(advantages, keep, active, metrics)
 
     def update(self, samples: EpochSamples, credit: EpochCredit) -> UpdateStats:
-        """Clipped-surrogate updates on the stored transitions; one optimizer step per batch, with
-        gradients accumulated over the W steps of the window."""
+        """Clipped-surrogate updates on the stored transitions.
+
+        Gradients accumulate over the W steps of the window and over ``train.gradient_accumulation``
+        rollout batches per optimizer step, each kept row weighted equally within a step (so one
+        step over A accumulated batches is one step over a batch holding their rows), in forwards
+        of at most ``train.micro_batch_size`` rows. The EMA is offered an update after every batch
+        (the published cadence, see :mod:`tpgrpo.ema`). A step with a non-finite gradient norm is
+        skipped; ``train.max_nonfinite_updates`` of them in a row stop the run.
+        """
         start = time.perf_counter()
-        s, t = self.cfg.sample, self.cfg.train
-        W = s.window_size
+        t = self.cfg.train
+        A = t.gradient_accumulation
         sums: dict[str, float] = {}
-        n_terms = 0
+        batches_trained = nonfinite = 0
+        steps_before = self.optimizer_steps
         self.ddp_transformer.train()
+        batches = list(zip(samples.batches, credit.advantages, credit.keep, credit.active))
         for _ in range(t.inner_epochs):
-            for batch, adv, keep, active in zip(samples.batches, credit.advantages, credit.keep, credit.active):
-                if not active:
-                    continue  # no signal anywhere: no step, so weight decay does not act alone
-                ro = batch.rollout
-                rows = keep.nonzero().flatten()
-                weight = 1.0
-                if rows.numel() == 0:
-                    # Nothing to learn here, but every process must run the same backward passes
-                    # (DDP all-reduces inside them): one row with zero weight.
-                    rows, weight = torch.zeros(1, dtype=torch.long, device=keep.device), 0.0
-                embeds = ro.embeds.select(rows)
-                for k in range(W):
-                    sync = nullcontext() if k == W - 1 else self.acc.no_sync(self.ddp_transformer)
-                    with sync:
-                        out = self._step_loss(ro, rows, k, embeds, adv[rows, k])
-                        self.acc.backward(out.loss * (weight / W))
-                    for name, value in (
-                        ("loss/total", out.loss.detach()),
-                        ("loss/policy", out.policy_loss),
-                        ("loss/kl", out.kl_loss),
-                        ("approx_kl", out.approx_kl),
-                        ("clip_fraction", out.clip_fraction),
-                        ("ratio_mean", out.ratio_mean),
-                    ):
-                        sums[name] = sums.get(name, 0.0) + float(value)
-                    n_terms += 1
-                grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), t.max_grad_norm)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * W
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self._update_ema()
-        metrics = {name: value / max(n_terms, 1) for name, value in sums.items()}
+            for first in range(0, len(batches), A):
+                group = batches[first : first + A]
+                # Rows kept on this process over the whole step: the denominator of its mean.
+                rows_in_step = sum(int(keep.sum()) for _, _, keep, active in group if active)
+                last_active = max((i for i, (*_, active) in enumerate(group) if active), default=None)
+                for i, (batch, adv, keep, active) in enumerate(group):
+                    if active:
+                        self._accumulate(batch, adv, keep, rows_in_step, sums, sync=i == last_active)
+                        batches_trained += 1
+                    if i == len(group) - 1:
+                        nonfinite += not self._optimizer_step(sums, has_gradients=last_active is not None)
+                    if self.ema is not None:
+                        self.ema.update(self.optimizer_steps)
+        steps = self.optimizer_steps - steps_before
+        metrics = {name: value / max(batches_trained, 1) for name, value in sums.items() if name != "grad_norm"}
+        if "grad_norm" in sums:
+            metrics["grad_norm"] = sums["grad_norm"] / max(steps + nonfinite, 1)
+        metrics["optimizer/steps"] = float(self.optimizer_steps)
+        metrics["skipped/nonfinite_updates"] = float(nonfinite)
         metrics["time/update_s"] = time.perf_counter() - start
         return UpdateStats(metrics)
+
+    def _accumulate(
+        self, batch: BatchSamples, adv: Tensor, keep: Tensor, rows_in_step: int, sums: dict[str, float], *, sync: bool
+    ) -> None:
+        """Backward passes of one rollout batch's kept rows: every window step, in micro-batches;
+        gradients reduce across processes only in the last backward of the optimizer step."""
+        ro = batch.rollout
+        W = self.cfg.sample.window_size
+        rows = keep.nonzero().flatten()
+        scale = 1.0 / max(rows_in_step, 1)
+        if rows.numel() == 0:
+            # Nothing to learn here, but every process must run the same synced backward (DDP
+            # all-reduces inside it): one row with zero weight.
+            rows, scale = torch.zeros(1, dtype=torch.long, device=keep.device), 0.0
+        chunks = rows.split(self.cfg.train.micro_batch_size or rows.numel())
+        batch_terms: dict[str, float] = {}
+        for c, chunk in enumerate(chunks):
+            embeds = ro.embeds.select(chunk)
+            for k in range(W):
+                last = sync and c == len(chunks) - 1 and k == W - 1
+                with nullcontext() if last else self.acc.no_sync(self.ddp_transformer):
+                    out = self._step_loss(ro, chunk, k, embeds, adv[chunk, k])
+                    # The loss is a mean over the chunk's rows; weighting it by their share of the
+                    # step's rows (and 1/W per window step) makes the sum the step's mean.
+                    self.acc.backward(out.loss * (scale * chunk.numel() / W))
+                share = chunk.numel() / (rows.numel() * W)
+                for name, value in (
+                    ("loss/total", out.loss.detach()),
+                    ("loss/policy", out.policy_loss),
+                    ("loss/kl", out.kl_loss),
+                    ("approx_kl", out.approx_kl),
+                    ("clip_fraction", out.clip_fraction),
+                    ("ratio_mean", out.ratio_mean),
+                ):
+                    batch_terms[name] = batch_terms.get(name, 0.0) + float(value) * share
+        for name, value in batch_terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+
+    def _optimizer_step(self, sums: dict[str, float], *, has_gradients: bool) -> bool:
+        """End an optimizer step; False when its gradient norm was not finite (the step skipped)."""
+        if not has_gradients:
+            # No batch of the step carried signal: the weights stay as they are, but the step
+            # counts, so the count and the EMA cadence follow the published schedule.
+            self.optimizer_steps += 1
+            return True
+        grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.train.max_grad_norm)
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.optimizer_steps += 1
+            self.nonfinite_streak = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self._skip_step()
+        return finite
+
+    def _skip_step(self) -> None:
+        """Drop a step whose gradient norm is not finite, or stop the run after too many in a row."""
+        self.nonfinite_streak += 1
+        if self.acc.scaler is not None:
+            # fp16: the loss scaler skips the step itself on inf/nan gradients and lowers its scale.
+            self.optimizer.step()
+        limit = self.cfg.train.max_nonfinite_updates
+        if self.nonfinite_streak >= limit:
+            latest = latest_checkpoint(self.run_dir / "checkpoints")
+            where = f"its last checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
+            raise TrainingError(
+                f"train.max_nonfinite_updates: {self.nonfinite_streak} non-finite updates in a row (NaN/Inf loss or "
+                f"gradient norm) at epoch {self.epoch + 1}; the run stops, {where}; try a lower train.learning_rate "
+                f"or train.mixed_precision=bf16"
+            )
 
     def _step_loss(self, ro: Rollout, rows: Tensor, k: int, embeds, advantages: Tensor):
         s, t = self.cfg.sample, self.cfg.train
@@ -456,30 +531,11 @@ class Trainer:
         finally:
             self.transformer.enable_adapters()
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = self.cfg.train.ema_decay
-        for name, p in self.trainable.items():
-            self.ema[name].lerp_(p.detach(), 1.0 - decay)
-
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """Swap the EMA weights in (evaluation), and restore the trained ones bit for bit."""
-        if self.ema is None:
+        """Swap the EMA weights in (evaluation, export), and restore the trained ones bit for bit."""
+        with self.ema.swapped_in() if self.ema is not None else nullcontext():
             yield
-            return
-        saved = {n: p.detach().clone() for n, p in self.trainable.items()}
-        with torch.no_grad():
-            for n, p in self.trainable.items():
-                p.copy_(self.ema[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.trainable.items():
-                    p.copy_(saved[n])
 
     def evaluate(self, epoch: int) -> EvalResult:
         """ODE samples of the test prompts with the EMA weights; mean reward and per-constraint."""
@@ -573,7 +629,7 @@ class Trainer:
             raise UserError(f"{self.run_dir}: run directory is not writable ({exc.strerror})") from None
 
     def trainable_state(self, ema: bool = False) -> dict[str, Tensor]:
-        source = self.ema if (ema and self.ema is not None) else {n: p.detach() for n, p in self.trainable.items()}
+        source = self.ema.state() if (ema and self.ema is not None) else {n: p.detach() for n, p in self.trainable.items()}
         return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in source.items()}
 
     def save_checkpoint(self, minutes: float) -> None:
@@ -595,6 +651,8 @@ class Trainer:
                     "num_processes": self.acc.num_processes,
                     "minutes": minutes,
                     "eval_initial": self.eval_initial,
+                    "optimizer_steps": self.optimizer_steps,
+                    "nonfinite_streak": self.nonfinite_streak,
                     "run_id": getattr(self.tracker, "run_id", None),
                     "history": self.history,
                 },
@@ -621,8 +679,7 @@ class Trainer:
             for n, p in self.trainable.items():
                 p.copy_(ckpt.weights[n])
             if self.ema is not None and ckpt.ema is not None:
-                for n in self.ema:
-                    self.ema[n].copy_(ckpt.ema[n])
+                self.ema.load(ckpt.ema)
         if ckpt.optimizer is not None:
             self._inner_optimizer().load_state_dict(ckpt.optimizer)
         if ckpt.rng is not None:
@@ -631,6 +688,8 @@ class Trainer:
         self.history = list(ckpt.meta.get("history", []))
         self.eval_initial = ckpt.meta.get("eval_initial")
         self.minutes_before = float(ckpt.meta.get("minutes", 0.0))
+        self.optimizer_steps = int(ckpt.meta.get("optimizer_steps", 0))
+        self.nonfinite_streak = int(ckpt.meta.get("nonfinite_streak", 0))
 
     def write_outputs(self, result: TrainResult) -> None:
         """history.csv, metrics.json and the final EMA weights (main process); then a barrier."""
@@ -766,7 +825,9 @@ def load_model(cfg: ExperimentConfig, device: str | torch.device) -> ManagedAdap
     try:
         # Loaded into CPU memory when offloading, so the offloaded modules never occupy the
         # accelerator, not even while loading.
-        adapter = load_adapter(m.path, dtype=_DTYPES[m.dtype], device="cpu" if offload else device)
+        adapter = load_adapter(
+            m.path, dtype=_DTYPES[m.dtype], device="cpu" if offload else device, max_sequence_length=m.max_sequence_length
+        )
     except ModelLoadError as exc:
         raise ModelLoadError(f"model.path: {exc}") from None
     return ManagedAdapter(
