@@ -129,21 +129,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune the base model with GRPO for one variant (TP-GRPO, Flow-GRPO, ...).
 
-    Writes runs/<variant>/ (checkpoints/, history.csv, metrics.json, final/, samples/) and logs
-    the run to MLflow. Resumes from the newest checkpoint of runs/<variant>/ unless --restart.
-    Multi-GPU / multi-node: run it under `accelerate launch`.
+    Writes runs/<variant>/ (or runs/<NAME>/ with --run-name NAME: checkpoints/, history.csv,
+    metrics.json, final/, samples/) and logs the run to MLflow. Resumes from the newest checkpoint
+    of that run directory unless --restart. Multi-GPU / multi-node: run it under `accelerate launch`.
     """
+    from tpgrpo.runguard import check_run_name
     from tpgrpo.trainer import train_variant_run
 
+    variant = args.variant or "default"
+    name = variant if args.run_name is None else check_run_name(args.run_name)
     cfg = _config(args)
     _require_model(cfg, args)
-    variant = args.variant or "default"
-    outcome = train_variant_run(cfg, name=variant, restart=args.restart, parent_run_id=args.parent_run_id)
+    outcome = train_variant_run(cfg, name=name, variant=variant, restart=args.restart, parent_run_id=args.parent_run_id)
     result = outcome.result
     if outcome.is_main:
         before = "n/a" if result.eval_reward_initial is None else f"{result.eval_reward_initial:.4f}"
         print(
-            f"{variant}: {result.epochs} epochs in {result.minutes:.1f} min; "
+            f"{name}: {result.epochs} epochs in {result.minutes:.1f} min; "
             f"eval reward {before} -> {result.eval_reward_final:.4f}; outputs in {result.run_dir}"
         )
 
@@ -283,7 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(func=func)
         if name == "train":
-            p.add_argument("--restart", action="store_true", help="discard runs/<variant>/ and start over")
+            p.add_argument(
+                "--run-name",
+                default=None,
+                metavar="NAME",
+                help="train the variant as the run NAME under runs_dir (default: the variant's name), "
+                "e.g. to keep a changed configuration beside the original",
+            )
+            p.add_argument("--restart", action="store_true", help="discard the run's directory and start over")
             p.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under (ablations)")
         if name == "pretrain":
             p.add_argument("--report", default="reports/base_model.json", help="metrics file (default: %(default)s)")
