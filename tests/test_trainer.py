@@ -159,3 +159,34 @@ def test_bad_input_is_one_line(workspace: Path, tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(UserError, match="not writable"):
         Trainer(_cfg(workspace, "runs-bad", runs_dir=str(blocker)), variant="v")
+
+
+def test_resume_with_a_changed_method_is_refused(workspace: Path) -> None:
+    """A run trained as tp_grpo does not continue as outcome credit: one line naming the field, the
+    run directory and its MLflow run untouched; an extended train.epochs resumes."""
+    import hashlib
+
+    import mlflow
+
+    from tpgrpo.runguard import ConfigMismatchError
+    from tpgrpo.trainer import train_variant_run
+
+    cfg = _cfg(workspace, "runs-guard", **{"train.epochs": 1})
+    first = train_variant_run(cfg, name="tp_grpo")
+    run_dir = first.result.run_dir
+
+    def snapshot() -> dict[str, str]:
+        return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    changed = _cfg(workspace, "runs-guard", **{"train.epochs": 2, "credit.mode": "outcome"})
+    with pytest.raises(ConfigMismatchError) as err:
+        train_variant_run(changed, name="tp_grpo")
+    message = str(err.value)
+    assert "\n" not in message and "credit.mode: 'turning_point' -> 'outcome'" in message
+    assert "train.epochs" not in message and "--restart" in message and "--run-name" in message
+    assert snapshot() == before
+    assert mlflow.MlflowClient(cfg.tracking.uri).get_run(first.run_id).info.status == "FINISHED"
+
+    resumed = train_variant_run(_cfg(workspace, "runs-guard", **{"train.epochs": 2}), name="tp_grpo")
+    assert resumed.result.epochs == 2 and resumed.run_id == first.run_id

@@ -53,6 +53,7 @@ from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
 from tpgrpo.loss import grpo_loss
 from tpgrpo.models import ManagedAdapter, check_family, load_adapter
 from tpgrpo.rollout import Rollout, RolloutConfig, rollout
+from tpgrpo.runguard import RunLock, check_resume, run_config, write_run_config
 from tpgrpo.scoring import reward_sequence
 from tpgrpo.sde import sde_step
 from tpgrpo.tracking import NullTracker, Tracker
@@ -216,6 +217,7 @@ class Trainer:
         )
         self.optimizer_steps = 0
         self.nonfinite_streak = 0
+        self.run_config = run_config(cfg)
 
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self.epoch = 0
@@ -571,6 +573,8 @@ class Trainer:
         """
         t, e = self.cfg.train, self.cfg.eval
         started = time.perf_counter()
+        if self.is_main:
+            write_run_config(self.run_dir, self.run_config)
         self.tracker.log_params({**self.cfg.flat(), "variant": self.variant})
         if self.epoch == 0 and self.eval_initial is None:
             self.eval_initial = run_step("evaluate", 0, lambda: self.evaluate(0)).reward
@@ -652,6 +656,8 @@ class Trainer:
                     "minutes": minutes,
                     "eval_initial": self.eval_initial,
                     "optimizer_steps": self.optimizer_steps,
+                    "config": self.run_config.fields,
+                    "config_hash": self.run_config.hash,
                     "nonfinite_streak": self.nonfinite_streak,
                     "run_id": getattr(self.tracker, "run_id", None),
                     "history": self.history,
@@ -672,6 +678,8 @@ class Trainer:
         if path is None:
             return
         ckpt = load_checkpoint(path, rank=self.acc.process_index, world_size=self.acc.num_processes)
+        if "config" in ckpt.meta:
+            check_resume(ckpt.meta["config"], self.run_config.fields, self.run_dir)
         missing = set(self.trainable) - set(ckpt.weights)
         if missing:
             raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); different train.lora_* settings?")
@@ -779,13 +787,31 @@ def train_variant_run(
 
     ``train.num_threads`` (when not 0) sets torch's CPU threads for the run, restored after.
     """
-    from tpgrpo.tracking import finishing, open_tracker, run_tags
-
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     run_dir = Path(cfg.runs_dir) / name
-    if restart and acc.is_main_process and run_dir.exists():
-        shutil.rmtree(run_dir)
-    acc.wait_for_everyone()
+    # One process trains a run at a time; the lock sits beside the run directory, so a restart
+    # can clear the directory while holding it.
+    with RunLock(cfg.runs_dir, name) if acc.is_main_process else nullcontext():
+        if restart and acc.is_main_process and run_dir.exists():
+            shutil.rmtree(run_dir)
+        acc.wait_for_everyone()
+        # Refused before the tracker reopens (and would mark FAILED) the run it belongs to.
+        check_resumable(cfg, run_dir)
+        return _train_locked(cfg, acc, run_dir, name, variant, parent_run_id, tags, run_step)
+
+
+def _train_locked(
+    cfg: ExperimentConfig,
+    acc: Accelerator,
+    run_dir: Path,
+    name: str,
+    variant: str | None,
+    parent_run_id: str | None,
+    tags: dict[str, str] | None,
+    run_step: StepRunner,
+) -> RunOutcome:
+    from tpgrpo.tracking import finishing, open_tracker, run_tags
+
     tracker = open_tracker(
         cfg.tracking.uri,
         cfg.tracking.experiment,
@@ -837,6 +863,17 @@ def load_model(cfg: ExperimentConfig, device: str | torch.device) -> ManagedAdap
         offload_text_encoders=m.offload_text_encoders,
         offload_vae=m.offload_vae,
     )
+
+
+def check_resumable(cfg: ExperimentConfig, run_dir: str | Path) -> None:
+    """Refuse (:class:`~tpgrpo.runguard.ConfigMismatchError`, one line) to continue the newest
+    checkpoint of ``run_dir`` with a configuration that changes its result."""
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if path is None:
+        return
+    recorded = load_checkpoint(path, rng=False, verify=False).meta.get("config")
+    if recorded is not None:
+        check_resume(recorded, run_config(cfg).fields, run_dir)
 
 
 def previous_run_id(run_dir: str | Path) -> str | None:
