@@ -108,8 +108,8 @@ def test_many_random_cases_default_config() -> None:
 
 def test_defaults_follow_design() -> None:
     cfg = CreditConfig()
-    assert (cfg.mode, cfg.consistent, cfg.first_step, cfg.balance, cfg.replace, cfg.eta) == (
-        "turning_point", True, True, True, True, 1.0,
+    assert (cfg.mode, cfg.consistent, cfg.first_step, cfg.balance, cfg.balance_key, cfg.replace, cfg.eta) == (
+        "turning_point", True, True, True, "aggregated", True, 1.0,
     )
 
 
@@ -261,3 +261,227 @@ def test_balance_function_returns_input_when_no_turning_points() -> None:
 def test_bad_shapes_are_rejected(bad: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="R: expected"):
         assign_credit(bad)
+
+
+# ---- balance_key and pools ----
+
+
+def published_credit(
+    R: list[list[float]], cfg: CreditConfig, pools: list[int] | None
+) -> tuple[list[list[float]], list[list[bool]]]:
+    """The published TP-GRPO credit (YunzeTong/TurningPoint-GRPO, scripts/my_train_sd3_fast_with_op3.py,
+    as its launch scripts run it: use_sde_minus_rt, drop_original_reward_when_having_bonus = replace,
+    use_balanced_bonus = balance, select_*_only_from_consistent_trajectory = consistent), written as
+    plain loops in that code's own terms (t is the 0-based step). ``balance_key="trajectory"`` is
+    that code; ``"aggregated"`` swaps in DESIGN §1's ranking and reward. ``pools``: one balancing pool
+    per id (the published per-process sampling batches); None is one pool.
+    """
+    B, W = len(R), len(R[0]) - 1
+    pools = [0] * B if pools is None else pools
+    indicator = [[False] * W for _ in range(B)]
+    for b in range(B):
+        r = R[b]
+        delta_global = r[W] - r[0]
+        d = [r[t + 1] - r[t] for t in range(W)]
+        s = [_sign(d[t]) * _sign(delta_global) for t in range(W)]
+        for t in range(W):
+            if t == 0:
+                if not cfg.first_step:
+                    ind = False
+                elif cfg.consistent:
+                    # The published first-step rule with consistency checks consistency only.
+                    ind = _sign(d[0]) * _sign(r[W] - r[1]) > 0
+                else:
+                    ind = s[0] > 0
+            else:
+                ind = s[t - 1] < 0 and s[t] > 0
+                if cfg.consistent:
+                    ind = ind and _sign(d[t]) * _sign(r[W] - r[t + 1]) > 0
+            indicator[b][t] = ind
+    if cfg.balance:
+        for pool in sorted(set(pools)):
+            rows = [b for b in range(B) if pools[b] == pool]
+            pos, neg = [], []
+            for b in rows:
+                for t in range(W):
+                    if indicator[b][t]:
+                        v = R[b][W] - R[b][0] if cfg.balance_key == "trajectory" else R[b][W] - R[b][t]
+                        if v > 0:
+                            pos.append((-abs(v), b, t))
+                        elif v < 0:
+                            neg.append((-abs(v), b, t))
+            if pos and neg:
+                m = min(len(pos), len(neg))
+                keep = {(b, t) for _, b, t in sorted(pos)[:m] + sorted(neg)[:m]}
+                for b in rows:
+                    for t in range(W):
+                        indicator[b][t] = (b, t) in keep
+    rewards = [[0.0] * W for _ in range(B)]
+    for b in range(B):
+        for t in range(W):
+            d_t = R[b][t + 1] - R[b][t]
+            agg = R[b][W] - R[b][t]
+            if cfg.balance_key == "trajectory":
+                bonus = cfg.eta * agg if indicator[b][t] else 0.0
+                main = 0.0 if cfg.replace and bonus != 0 else d_t
+                rewards[b][t] = main + bonus
+            elif indicator[b][t]:
+                rewards[b][t] = cfg.eta * agg if cfg.replace else d_t + cfg.eta * agg
+            else:
+                rewards[b][t] = d_t
+    return rewards, indicator
+
+
+def test_matches_published_semantics_on_random_cases() -> None:
+    gen = torch.Generator().manual_seed(2026)
+    seen_balancing_difference = 0
+    for trial in range(3000):
+        B = int(torch.randint(1, 13, (1,), generator=gen))
+        W = int(torch.randint(1, 8, (1,), generator=gen))
+        if trial % 3:
+            # A few discrete values: ties in |r_agg| and |R_W - R_0|, zero increments and r_agg = 0.
+            R = torch.randint(0, 5, (B, W + 1), generator=gen).double() / 4
+        else:
+            R = torch.rand(B, W + 1, generator=gen, dtype=torch.float64)
+        flags = [bool(x) for x in torch.randint(0, 2, (5,), generator=gen)]
+        cfg = CreditConfig(
+            consistent=flags[0],
+            first_step=flags[1],
+            replace=flags[2],
+            balance=trial % 8 != 0,
+            balance_key="trajectory" if flags[3] else "aggregated",
+            eta=(1.0, 0.5, 2.0)[trial % 3],
+        )
+        pools = None if flags[4] else torch.randint(0, 3, (B,), generator=gen) * 5  # ids need not be 0..P-1
+        out = assign_credit(R, cfg, pools=pools)
+        ref_rewards, ref_turning = published_credit(R.tolist(), cfg, None if pools is None else pools.tolist())
+        assert out.turning.tolist() == ref_turning, (R, cfg, pools)
+        torch.testing.assert_close(out.rewards, torch.tensor(ref_rewards, dtype=R.dtype), rtol=0, atol=1e-12)
+        seen_balancing_difference += out.turning.tolist() != out.detected.tolist()
+    assert seen_balancing_difference > 100  # the comparison exercised the balancing, not just detection
+
+
+def test_hand_case_separates_the_balance_keys() -> None:
+    # W = 4. Row 1: d = [.05, -.1, .45, .1], delta = .5, s = [+, -, +, +]: turning at k=1 (R_W - R_1
+    # = .45 > 0 agrees) with r_agg = R_4 - R_0 = .5, and at k=3 (R_W - R_3 = .1 > 0) with
+    # r_agg = R_4 - R_2 = .55. Row 2: d = [-.4, -.05, .75, .1], delta = .4, s = [-, -, +, +]: turning
+    # at k=3 with r_agg = .85. Row 3: d = [-.1, .05, -.1, -.05], delta = -.2, s = [+, -, +, +]:
+    # turning at k=1 (r_agg = -.2) and k=3 (R_W - R_3 = -.05 < 0 agrees; r_agg = .3 - .45 = -.15).
+    # Three positive, two negative: both negatives stay, and two of the three positives.
+    # aggregated ranks .85 (row 2), .55 (row 1, k=3) > .5 (row 1, k=1): row 1's k=1 falls back to d_1.
+    # trajectory ranks by |delta|: .5, .5 (row 1) > .4 (row 2): row 2's k=3 falls back to d_3 = .75.
+    R = torch.tensor(
+        [[0.5, 0.55, 0.45, 0.9, 1.0], [0.5, 0.1, 0.05, 0.8, 0.9], [0.5, 0.4, 0.45, 0.35, 0.3]],
+        dtype=torch.float64,
+    )
+    row3 = [-0.2, 0.05, -0.15, -0.05]
+    detected = [[True, False, True, False], [False, False, True, False], [True, False, True, False]]
+    agg = assign_credit(R, CreditConfig(balance_key="aggregated"))
+    traj = assign_credit(R, CreditConfig(balance_key="trajectory"))
+    assert agg.detected.tolist() == detected
+    assert agg.turning.tolist() == [[False, False, True, False], [False, False, True, False], detected[2]]
+    assert traj.turning.tolist() == [[True, False, True, False], [False, False, False, False], detected[2]]
+    expected_agg = torch.tensor([[0.05, -0.1, 0.55, 0.1], [-0.4, -0.05, 0.85, 0.1], row3], dtype=torch.float64)
+    expected_traj = torch.tensor([[0.5, -0.1, 0.55, 0.1], [-0.4, -0.05, 0.75, 0.1], row3], dtype=torch.float64)
+    torch.testing.assert_close(agg.rewards, expected_agg, rtol=0, atol=1e-12)
+    torch.testing.assert_close(traj.rewards, expected_traj, rtol=0, atol=1e-12)
+
+
+LOOSE = {"consistent": False, "first_step": False}
+
+
+def test_trajectory_key_takes_the_sign_from_the_increment() -> None:
+    # Without consistency, first_step off, W = 4:
+    # A = [0, .8, .7, .9, .5]: d = [.8, -.1, .2, -.4], delta = .5, s = [+, -, +, -]: turning at k=3,
+    #     d_3 = +.2 but r_agg = R_4 - R_2 = -.2 (the reward falls back afterwards); |delta| = .5.
+    # B = [.5, .3, .6, .7, .8]: turning at k=2, d_2 = .3, r_agg = .5; |delta| = .3.
+    # C = [.5, .7, .4, .3, .2]: turning at k=2, d_2 = -.3, r_agg = -.5; |delta| = .3.
+    # aggregated: A is negative -> n+ = 1 (B), n- = 2 (A, C): keep B and C (|-.5| > |-.2|), A gets d_3.
+    # trajectory: A is positive -> n+ = 2 (A, B), n- = 1 (C): keep A (|delta| .5 > .3) and C, B gets
+    # d_2; A's kept turning point is credited r_agg = -.2.
+    R = torch.tensor(
+        [[0.0, 0.8, 0.7, 0.9, 0.5], [0.5, 0.3, 0.6, 0.7, 0.8], [0.5, 0.7, 0.4, 0.3, 0.2]], dtype=torch.float64
+    )
+    agg = assign_credit(R, CreditConfig(balance_key="aggregated", **LOOSE))
+    traj = assign_credit(R, CreditConfig(balance_key="trajectory", **LOOSE))
+    assert agg.detected[:, 1:3].tolist() == [[False, True], [True, False], [True, False]]
+    assert agg.turning.tolist() == [[False] * 4, [False, True, False, False], [False, True, False, False]]
+    assert traj.turning.tolist() == [[False, False, True, False], [False] * 4, [False, True, False, False]]
+    c_row = [0.2, -0.5, -0.1, -0.1]
+    expected_agg = torch.tensor([[0.8, -0.1, 0.2, -0.4], [-0.2, 0.5, 0.1, 0.1], c_row], dtype=torch.float64)
+    expected_traj = torch.tensor([[0.8, -0.1, -0.2, -0.4], [-0.2, 0.3, 0.1, 0.1], c_row], dtype=torch.float64)
+    torch.testing.assert_close(agg.rewards, expected_agg, rtol=0, atol=1e-12)
+    torch.testing.assert_close(traj.rewards, expected_traj, rtol=0, atol=1e-12)
+
+
+def test_trajectory_key_gives_a_zero_aggregated_turning_point_its_increment() -> None:
+    # Without consistency, first_step off, W = 4:
+    # Z = [0, .6, .5, .9, .5]: d = [.6, -.1, .4, -.4], delta = .5, s = [+, -, +, -]: turning at k=3
+    #     with r_agg = R_4 - R_2 = 0.
+    # C = [.5, .7, .4, .3, .2]: turning at k=2, r_agg = -.5, delta = -.3.
+    # aggregated: Z has no sign, so only negatives: nothing is dropped and Z's k=3 gets eta * 0 = 0.
+    # trajectory: Z is positive (sign of d_3 = sign of delta): one of each sign, both kept, and
+    # Z's k=3 keeps d_3 = .4 (the published code replaces d_k only by a non-zero bonus).
+    R = torch.tensor([[0.0, 0.6, 0.5, 0.9, 0.5], [0.5, 0.7, 0.4, 0.3, 0.2]], dtype=torch.float64)
+    c_row = [0.2, -0.5, -0.1, -0.1]
+    for balance in (True, False):
+        agg = assign_credit(R, CreditConfig(balance=balance, balance_key="aggregated", **LOOSE))
+        traj = assign_credit(R, CreditConfig(balance=balance, balance_key="trajectory", **LOOSE))
+        turning = [[False, False, True, False], [False, True, False, False]]
+        assert agg.turning.tolist() == turning and traj.turning.tolist() == turning
+        assert agg.aggregated[0, 2] == 0
+        expected_agg = torch.tensor([[0.6, -0.1, 0.0, -0.4], c_row], dtype=torch.float64)
+        expected_traj = torch.tensor([[0.6, -0.1, 0.4, -0.4], c_row], dtype=torch.float64)
+        torch.testing.assert_close(agg.rewards, expected_agg, rtol=0, atol=1e-12)
+        torch.testing.assert_close(traj.rewards, expected_traj, rtol=0, atol=1e-12)
+    # With replace off both keys give d_3 + eta * 0.
+    add = assign_credit(R, CreditConfig(replace=False, balance_key="aggregated", **LOOSE))
+    torch.testing.assert_close(add.rewards[0, 2], torch.tensor(0.4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_pools_balance_separately() -> None:
+    # First-step turning points with r_agg = +.3, +.6, +.9, -.2 (rows 0..3). One pool: n+ = 3, n- = 1,
+    # keep +.9 and -.2. Pools {0, 2, 3} and {1}: the first keeps +.9 and -.2, the second has one sign
+    # only and keeps its +.6. Pool ids are any integers.
+    R = torch.tensor(
+        [[0.0, 0.1, 0.2, 0.3], [0.0, 0.2, 0.4, 0.6], [0.0, 0.3, 0.6, 0.9], [0.2, 0.1, 0.05, 0.0]],
+        dtype=torch.float64,
+    )
+    for key in ("aggregated", "trajectory"):
+        cfg = CreditConfig(balance_key=key)
+        one = assign_credit(R, cfg)
+        split = assign_credit(R, cfg, pools=torch.tensor([7, -3, 7, 7]))
+        assert one.turning[:, 0].tolist() == [False, False, True, True]
+        assert split.turning[:, 0].tolist() == [False, True, True, True]
+        torch.testing.assert_close(split.rewards[:, 0], torch.tensor([0.1, 0.6, 0.9, -0.2], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("key", ["aggregated", "trajectory"])
+def test_one_pool_equals_no_pools_bitwise(key: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(300):
+        B = int(torch.randint(1, 13, (1,), generator=gen))
+        W = int(torch.randint(1, 8, (1,), generator=gen))
+        R = torch.randint(0, 4, (B, W + 1), generator=gen).double() / 3
+        cfg = CreditConfig(balance_key=key, consistent=bool(torch.randint(0, 2, (1,), generator=gen)))
+        none = assign_credit(R, cfg)
+        zeros = assign_credit(R, cfg, pools=torch.zeros(B, dtype=torch.long))
+        assert torch.equal(none.turning, zeros.turning)
+        assert torch.equal(none.rewards.view(torch.int64), zeros.rewards.view(torch.int64))
+
+
+def test_unknown_balance_key_is_rejected() -> None:
+    with pytest.raises(ValueError, match="credit.balance_key"):
+        CreditConfig(balance_key="absolute")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "pools", [torch.zeros(3, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2)], ids=repr
+)
+def test_bad_pools_are_rejected(pools: torch.Tensor) -> None:
+    R = torch.rand(2, 4, dtype=torch.float64)
+    for cfg in (CreditConfig(), CreditConfig(balance=False), CreditConfig(mode="outcome")):
+        with pytest.raises(ValueError, match="pools"):
+            assign_credit(R, cfg, pools=pools)
+    with pytest.raises(ValueError, match="pools"):
+        balance_turning_points(torch.ones(2, 3, dtype=torch.bool), R[:, 1:], pools=pools)

@@ -242,6 +242,7 @@ class Trainer:
             completions=self.cfg.credit.mode != "outcome",
             completion=s.completion,
             completion_steps=s.completion_steps,
+            baseline_noise=s.baseline_noise,
             micro_batch_size=s.micro_batch_size,
             height=self.cfg.model.resolution,
             width=self.cfg.model.resolution,
@@ -335,6 +336,7 @@ class Trainer:
         detected = torch.zeros(W)
         n_valid = n_pos = n_neg = skipped = zero_groups = 0
         adv_values = []
+        per_process = self.cfg.credit.balance_scope == "process"
         for batch, R, ok in zip(samples.batches, scores.R, scores.valid):
             R_all = self.acc.gather(R).cpu()
             ok_all = self.acc.gather(ok.to(torch.uint8)).cpu().bool()  # gloo cannot reduce bools
@@ -343,7 +345,9 @@ class Trainer:
             adv_all = torch.zeros(R_all.shape[0], W)
             keep_all = torch.zeros(R_all.shape[0], dtype=torch.bool)
             if idx.numel():
-                cr = assign_credit(R_all[idx].double(), ccfg)
+                # balance_scope "process": each process's slice of the batch is its own pool.
+                pools = (idx // (R_all.shape[0] // self.acc.num_processes)) if per_process else None
+                cr = assign_credit(R_all[idx].double(), ccfg, pools=pools)
                 adv = group_advantages(
                     cr.rewards,
                     [prompts_all[i] for i in idx.tolist()],
