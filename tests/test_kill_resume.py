@@ -1,5 +1,7 @@
-"""`tpgrpo train` killed with SIGKILL in the middle of an epoch, started again: it resumes from
-its newest complete checkpoint and ends with bitwise the weights of a run never interrupted."""
+"""`tpgrpo train` killed with SIGKILL in the middle of an epoch, started again: it resumes from its
+newest complete checkpoint and ends with bitwise the weights, EMA and optimizer state of a run never
+interrupted (with gradients accumulated over two batches and a sparse EMA cadence; a crash between
+two accumulated batches of the update is in tests/test_update.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ EPOCHS = 4
 # A registered reward, so the subprocesses run the plain `python -m tpgrpo train`; file sizes
 # differ between samples, so every group has a signal and the weights move each epoch.
 SECTIONS = dict(
-    train={"epochs": EPOCHS, "checkpoint_every": 1},
+    # Two batches per optimizer step and an EMA update every other step: the resumed run must take
+    # the step count and the EMA's cadence up where they were.
+    train={"epochs": EPOCHS, "checkpoint_every": 1, "gradient_accumulation": 2, "ema_every": 2},
     sample={"batches_per_epoch": 4},  # epochs long enough to be killed in the middle of
     reward={"name": "jpeg_incompressibility"},
 )
@@ -136,6 +140,7 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(tmp_path: Path, tiny_
     for name in finals:
         _assert_same(_tensors(run / "final" / name), _tensors(other / "final" / name), f"final/{name}")
     assert _history(run) == _history(other) and len(_history(run)) == EPOCHS
+    assert [float(row["optimizer/steps"]) for row in _history(run)] == [2.0 * (e + 1) for e in range(EPOCHS)]
     # It resumed rather than started over (which would end the same): one MLflow run, continued,
     # in which epoch 1 and the base model's evaluation were logged once.
     from mlflow import MlflowClient

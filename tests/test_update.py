@@ -228,3 +228,38 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(workspace: Path, monkey
     latest = latest_checkpoint(Path(cfg.runs_dir) / "v2" / "checkpoints")
     assert latest is not None and latest.name == "epoch-000001"
     assert load_checkpoint(latest).meta["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
+def test_crash_between_accumulated_batches_resumes_bitwise(workspace: Path, monkeypatch) -> None:
+    """A run that dies in epoch 2's update, after the first of the two batches of an optimizer step
+    (gradients half accumulated), resumes from epoch 1's checkpoint and ends bitwise equal to a run
+    never interrupted: weights, EMA (updated every other step) and step count."""
+    overrides = {"train.epochs": 3, "train.ema_every": 2, "eval.every": 3}
+    straight = Trainer(_cfg(workspace, "runs-crash-straight", **overrides), variant="v")
+    straight.fit()
+
+    crashing = Trainer(_cfg(workspace, "runs-crash", **overrides), variant="v")
+    accumulate = crashing._accumulate
+    calls = {"n": 0}
+
+    def die_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        accumulate(*args, **kwargs)
+        if calls["n"] == 3:  # epoch 2, first batch of its only optimizer step
+            raise KeyboardInterrupt
+
+    crashing._accumulate = die_in_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    crashing.executor.shutdown(wait=False, cancel_futures=True)
+    del crashing
+
+    resumed = Trainer(_cfg(workspace, "runs-crash", **overrides), variant="v")
+    assert resumed.epoch == 1 and resumed.optimizer_steps == 1
+    resumed.fit()
+    for ema in (False, True):
+        a, b = straight.trainable_state(ema=ema), resumed.trainable_state(ema=ema)
+        assert all(torch.equal(a[n], b[n]) for n in a), f"ema={ema}"
+    assert resumed.optimizer_steps == straight.optimizer_steps == 3
+    assert [row["optimizer/steps"] for row in resumed.history] == [1.0, 2.0, 3.0]
