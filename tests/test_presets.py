@@ -1,8 +1,10 @@
 """Presets (configs/presets/*.yaml) and the memory options for large models.
 
-Every preset loads and validates with both paper variants; `tpgrpo train --preset ...` runs one
-epoch of a preset shrunk to a tiny SD3 or FLUX pipeline through the CLI; a placeholder model path
-or a pipeline of the wrong family fails with one line. The memory options give the same results
+Every preset loads and validates with both paper variants and sets exactly the values listed
+here (the published TP-GRPO launch settings, with the project's deliberate differences), and the
+README's preset table shows each of them; `tpgrpo train --preset ...` runs one epoch of a preset
+shrunk to a tiny SD3 or FLUX pipeline through the CLI; a placeholder model path or a pipeline of
+the wrong family fails with one line. The memory options give the same results
 as without them on CPU: the text-embedding cache and offloading exactly, gradient checkpointing
 to float rounding.
 """
@@ -10,14 +12,16 @@ to float rounding.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
 from tpgrpo.cli import COMMANDS, main
-from tpgrpo.config import config_from_dict, load_config, merge_preset
+from tpgrpo.config import config_from_dict, load_config, merge_preset, parse_yaml
 from tpgrpo.errors import ConfigError, ModelLoadError
 from tpgrpo.models import ManagedAdapter, TinyFluxConfig, build_tiny_flux, load_adapter, save_pipeline
 from tpgrpo.rollout import RolloutConfig, rollout
@@ -29,23 +33,115 @@ PARAMS = ROOT / "params.yaml"
 PRESETS = sorted((ROOT / "configs" / "presets").glob("*.yaml"))
 PAPER_VARIANTS = ("flow_grpo", "tp_grpo")
 
-# The settings each preset reproduces (README, "Presets").
-SD35M = {
-    "model.family": "sd3", "model.dtype": "bfloat16", "model.resolution": 512,
-    "sample.num_steps": 10, "sample.window_size": 9, "sample.sampler": "cps", "sample.noise_level": 0.7,
-    "sample.group_size": 24, "sample.guidance_scale": 4.5,
-    "train.lora_rank": 32, "train.lora_alpha": 64.0, "train.learning_rate": 3e-4, "train.clip_range": 1e-5,
-    "train.kl_beta": 1e-4, "train.ema_decay": 0.9, "train.mixed_precision": "bf16",
+README = ROOT / "README.md"
+
+# Every value each preset sets, as it loads over params.yaml: the published TP-GRPO launch
+# (YunzeTong/TurningPoint-GRPO: config/my_grpo.py *_fast_op3 over config/base.py, launched by
+# scripts/multi_node/common_op3.sh on 32 GPUs, with the values scripts/my_train_*_fast_with_op3.py
+# fix in code), except where marked. README "Presets" cites the source of each.
+PUBLISHED_GPUS = 32
+SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+FLUX_TARGETS = [*SD3_TARGETS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+COMMON = {
+    "seed": 42,
+    "model.resolution": 512, "model.max_sequence_length": 128,
+    "sample.window_start": 0, "sample.noise_level": 0.7, "sample.sampler": "cps", "sample.log_prob": None,
+    "sample.completion": "ode", "sample.group_size": 24,
+    "credit.consistent": True, "credit.first_step": True, "credit.balance": True, "credit.replace": True,
+    "credit.eta": 1.0,
+    "advantage.global_std": False, "advantage.clip_max": 5.0,
+    "train.learning_rate": 3e-4, "train.adam_beta1": 0.9, "train.adam_beta2": 0.999, "train.weight_decay": 1e-4,
+    "train.max_grad_norm": 1.0, "train.clip_range": 1e-5, "train.kl_beta": 1e-4, "train.inner_epochs": 1,
+    "train.ema_decay": 0.9, "train.ema_every": 8,
+    "eval.every": 20, "eval.num_prompts": None,
+    # The paper's definitions, deliberately not the published code's (independent, trajectory,
+    # process): params.yaml's tp_grpo_published variant switches to those.
+    "sample.baseline_noise": "shared", "credit.balance_key": "aggregated", "credit.balance_scope": "batch",
+    # Not published values: a training budget, memory options, the preset's own reward at evaluation.
+    "train.epochs": 1000, "sample.cache_text_embeddings": True, "model.offload_vae": False, "eval.reward": None,
 }
-EXPECTED = {
-    "sd35m_pickscore": {**SD35M, "reward.name": "pickscore"},
-    "sd35m_ocr": {**SD35M, "reward.name": "ocr"},
-    "sd35m_geneval": {**SD35M, "reward.name": "remote"},
+SD35M = {
+    **COMMON,
+    "model.path": "/data/models/sd3.5-medium", "model.family": "sd3", "model.dtype": "float16",
+    "model.offload_text_encoders": False,
+    "sample.num_steps": 10, "sample.window_size": 9, "sample.guidance_scale": 4.5,
+    "sample.batch_size": PUBLISHED_GPUS * 9, "sample.batches_per_epoch": 4, "sample.micro_batch_size": 9,
+    "train.lora_rank": 32, "train.lora_alpha": 64.0, "train.lora_targets": SD3_TARGETS,
+    "train.gradient_accumulation": 2, "train.micro_batch_size": 9, "train.mixed_precision": "fp16",
+    "train.gradient_checkpointing": False,
+    "eval.num_steps": 40, "eval.guidance_scale": 4.5, "eval.batch_size": 16,
+}
+EXPECTED: dict[str, dict[str, Any]] = {
+    "sd35m_pickscore": {**SD35M, "data.dir": "/data/prompts/pickscore", "reward.name": "pickscore", "reward.options": {}},
+    "sd35m_ocr": {**SD35M, "data.dir": "/data/prompts/ocr", "reward.name": "ocr", "reward.options": {}},
+    "sd35m_geneval": {
+        **SD35M, "data.dir": "/data/prompts/geneval", "reward.name": "remote",
+        "reward.options.url": "http://127.0.0.1:8000/geneval", "reward.options.timeout": 300, "eval.batch_size": 14,
+    },
     "flux1dev_pickscore": {
-        **SD35M, "model.family": "flux", "sample.num_steps": 6, "sample.window_size": 5,
-        "sample.guidance_scale": 3.5, "train.lora_rank": 64, "train.lora_alpha": 128.0, "reward.name": "pickscore",
+        **COMMON,
+        "model.path": "/data/models/flux.1-dev", "model.family": "flux", "model.dtype": "bfloat16",
+        "model.offload_text_encoders": True,
+        "data.dir": "/data/prompts/pickscore",
+        "sample.num_steps": 6, "sample.window_size": 5, "sample.guidance_scale": 3.5,
+        "sample.batch_size": PUBLISHED_GPUS * 3, "sample.batches_per_epoch": 12, "sample.micro_batch_size": 3,
+        "train.lora_rank": 64, "train.lora_alpha": 128.0, "train.lora_targets": FLUX_TARGETS,
+        "train.gradient_accumulation": 6, "train.micro_batch_size": 3, "train.mixed_precision": "bf16",
+        "train.gradient_checkpointing": True,
+        "reward.name": "pickscore", "reward.options": {},
+        "eval.num_steps": 28, "eval.guidance_scale": 3.5, "eval.batch_size": 16,
     },
 }
+# The three definitions where the presets keep the paper's reading, and the published code's.
+PUBLISHED_SWITCHES = {"sample.baseline_noise": "independent", "credit.balance_key": "trajectory",
+                      "credit.balance_scope": "process"}
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A preset file's values by dotted name (an empty mapping is a value), as cfg.flat() names them."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _readme_table() -> tuple[list[str], dict[str, list[str]]]:
+    """The README's per-field preset table: its preset columns, and each row's cells by field."""
+    text = README.read_text()
+    section = text[text.index("### Presets\n") : text.index("\n## ", text.index("### Presets\n"))]
+    lines = [line for line in section.splitlines() if line.startswith("| field |")]
+    assert len(lines) == 1, "README 'Presets': expected one table whose header starts with '| field |'"
+    rows = section[section.index(lines[0]) :].split("\n\n")[0].splitlines()
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+    header = cells(rows[0])
+    assert header[-2:] == ["published", "source"], header
+    presets = [c.strip("`") for c in header[1:-2]]
+    table = {}
+    for row in rows[2:]:
+        parts = cells(row)
+        assert len(parts) == len(header), row
+        assert parts[0].strip("`") not in table, f"README 'Presets': {parts[0]} has two rows"
+        table[parts[0].strip("`")] = parts[1:]
+    return presets, table
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, and not a bool standing for a number (True == 1) or the reverse."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _code(cell: str) -> Any:
+    """The value of a table cell: its first `code span`, read as YAML (as --set reads values)."""
+    match = re.search(r"`([^`]*)`", cell)
+    assert match, f"expected a `value` in {cell!r}"
+    return parse_yaml(match.group(1))
 
 
 def _preset(name: str) -> Path:
@@ -77,14 +173,15 @@ def workspace(tmp_path_factory, tiny_pipe) -> Path:
 
 
 def _tiny(root: Path, model: str, runs: str) -> list[str]:
-    """--set arguments shrinking a preset to seconds on CPU (32 px, 2 steps, one batch of 2 groups
-    of 2, LoRA rank 2, 2 evaluation prompts, a dense test reward); everything else — dtype, mixed
-    precision, sampler, LoRA targets, memory options — stays the preset's."""
+    """--set arguments shrinking a preset to seconds on CPU (32 px, 2 steps, 2 batches of 2 groups
+    of 2 and still 2 optimizer steps an epoch, LoRA rank 2, 2 evaluation prompts, a dense test
+    reward); everything else — dtype, mixed precision, T5 tokens, sampler, micro-batches, LoRA
+    targets, EMA, memory options — stays the preset's."""
     items = [
         f"model.path={root / model}", "model.resolution=32", f"data.dir={root / 'prompts'}",
         f"runs_dir={root / runs}", f"tracking.uri=sqlite:///{root / runs / 'mlflow.db'}",
         "sample.num_steps=2", "sample.window_size=1", "sample.batch_size=4", "sample.group_size=2",
-        "sample.batches_per_epoch=1", "sample.micro_batch_size=null",
+        "sample.batches_per_epoch=2", "train.gradient_accumulation=1",
         "train.epochs=1", "train.lora_rank=2", "train.lora_alpha=4",
         "eval.num_steps=2", "eval.num_prompts=2", "eval.batch_size=2",
         "reward.name=brightness", "reward.options={}",
@@ -98,21 +195,58 @@ def _tiny(root: Path, model: str, runs: str) -> list[str]:
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_loads_with_both_paper_variants(preset: Path, tmp_path: Path) -> None:
     raw = yaml.safe_load(preset.read_text())
+    expected = EXPECTED[preset.stem]
+    # The test asserts every value the preset sets, and nothing it leaves to params.yaml.
+    assert set(_flatten(raw)) == set(expected), "the preset and EXPECTED name different values"
     for variant in PAPER_VARIANTS:
-        cfg = load_config(PARAMS, preset=preset, variant=variant, overrides=[f"model.path={tmp_path}"])
+        cfg = load_config(PARAMS, preset=preset, variant=variant)
         flat = cfg.flat()
-        assert cfg.model.path == str(tmp_path)
-        for key, value in EXPECTED[preset.stem].items():
-            assert flat[key] == value, (preset.stem, key)
+        for key, value in expected.items():
+            assert _same(flat[key], value), (preset.stem, variant, key, flat[key])
+        # What the values add up to, as published: 48 groups of 24 an epoch, two optimizer steps
+        # an epoch, a rollout batch of 32 GPUs' per-GPU batches, which is also the micro-batch.
+        s, t = cfg.sample, cfg.train
+        assert s.batches_per_epoch / t.gradient_accumulation == 2
+        assert s.batch_size * s.batches_per_epoch == 48 * s.group_size
+        assert s.batch_size == PUBLISHED_GPUS * s.micro_batch_size == PUBLISHED_GPUS * t.micro_batch_size
+        assert cfg.advantage.global_std is False
         assert cfg.credit.mode == ("outcome" if variant == "flow_grpo" else "turning_point")
         # Evaluation scores the preset's own reward, not the embedded world's strict check, which
         # needs shape-world metadata that real prompt sets do not have.
         assert cfg.eval.reward is None
-        # Every value the preset sets wins over params.yaml (the variants change credit.* only).
-        for section, values in raw.items():
-            for key, value in values.items():
-                if section != "model" or key != "path":
-                    assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    # The placeholder path is one override away.
+    cfg = load_config(PARAMS, preset=preset, variant="tp_grpo", overrides=[f"model.path={tmp_path}"])
+    assert cfg.model.path == str(tmp_path)
+
+
+def test_readme_preset_table_shows_what_each_preset_loads() -> None:
+    presets, table = _readme_table()
+    assert sorted(presets) == [p.stem for p in PRESETS]  # a column for every preset
+    fixed = {name: _flatten(yaml.safe_load(_preset(name).read_text())) for name in presets}
+    # One row for every value some preset sets, and no other rows.
+    assert set(table) == set().union(*fixed.values())
+    for name in presets:
+        flat = load_config(PARAMS, preset=_preset(name)).flat()
+        for key, cells in table.items():
+            cell = cells[presets.index(name)]
+            if cell == "—":
+                assert key not in fixed[name], f"README shows {name} {key} as not set"
+            else:
+                assert key in fixed[name], f"README shows {name} {key}, which the preset does not set"
+                value = _code(cell)
+                assert _same(value, flat[key]), (name, key, cell, flat[key])
+    # The three definitions that differ show the published code's beside the preset's.
+    for key, published in PUBLISHED_SWITCHES.items():
+        assert _code(table[key][-2]) == published, key
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_tp_grpo_published_variant_switches_a_preset_to_the_published_definitions(preset: Path) -> None:
+    paper = load_config(PARAMS, preset=preset, variant="tp_grpo").flat()
+    published = load_config(PARAMS, preset=preset, variant="tp_grpo_published").flat()
+    for key, value in PUBLISHED_SWITCHES.items():
+        assert (paper[key], published[key]) == (EXPECTED[preset.stem][key], value), key
+    assert {k for k in paper if paper[k] != published[k]} == set(PUBLISHED_SWITCHES)
 
 
 def test_presets_merge_sections_and_replace_free_form_mappings() -> None:
@@ -193,7 +327,7 @@ def test_sd35m_preset_trains_one_epoch_on_a_tiny_sd3(
     assert f"{variant}: 1 epochs" in capsys.readouterr().out
     run = workspace / f"runs-sd3-{variant}" / variant
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
-    # The preset's bf16 model trains float32 LoRA weights under bf16 autocast.
+    # The preset's float16 model (fp16 mixed precision) trains float32 LoRA weights.
     with safe_open(run / "final" / "pytorch_lora_weights.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
         assert any(".add_q_proj." in k for k in f.keys())  # the preset's LoRA targets
@@ -201,8 +335,15 @@ def test_sd35m_preset_trains_one_epoch_on_a_tiny_sd3(
 
 def test_flux_preset_trains_one_epoch_on_a_tiny_flux(workspace: Path, fresh_accelerate_state) -> None:
     args = ["train", "--params", str(PARAMS), "--preset", str(_preset("flux1dev_pickscore")), "--variant", "tp_grpo"]
+    from safetensors import safe_open
+
     assert main([*args, *_tiny(workspace, "flux", "runs-flux")]) == 0
-    assert json.loads((workspace / "runs-flux" / "tp_grpo" / "metrics.json").read_text())["epochs"] == 1
+    run = workspace / "runs-flux" / "tp_grpo"
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    # The published FLUX targets reach the feed-forwards of both streams and the single blocks.
+    with safe_open(run / "final" / "pytorch_lora_weights.safetensors", "pt") as f:
+        for part in (".ff.net.0.proj.", ".ff_context.net.2.", ".add_q_proj.", "single_transformer_blocks.0.attn.to_q."):
+            assert any(part in k for k in f.keys()), part
 
 
 def test_a_preset_of_the_wrong_family_fails_before_any_run(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:

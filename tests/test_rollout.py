@@ -271,3 +271,136 @@ def test_sample_section_sets_the_estimator_of_the_trainers_rollouts() -> None:
         config_from_dict({"sample": {"completion": "coarse", "completion_steps": 0}})
     with pytest.raises(ConfigError, match="sample.completion: input should be 'ode', 'one_step' or 'coarse'"):
         config_from_dict({"sample": {"completion": "two_step"}})
+
+
+# --- baseline noise (R_0 from x_T or from fresh x_T') -----------------------------------------
+
+BASELINE_CFG = RolloutConfig(num_steps=5, window_start=1, window_size=3, sampler="cps", guidance_scale=2.0)
+
+
+def _ode_images(tiny_pipe, prompts, latents: torch.Tensor, cfg: RolloutConfig) -> torch.Tensor:
+    """What the diffusers pipeline returns for these latents (the pure-ODE image)."""
+    return tiny_pipe(
+        list(prompts),
+        latents=latents.clone(),
+        num_inference_steps=cfg.num_steps,
+        guidance_scale=cfg.guidance_scale,
+        output_type="pt",
+        max_sequence_length=load_adapter(tiny_pipe).max_sequence_length,
+    ).images
+
+
+def test_default_baseline_noise_is_shared(tiny_pipe) -> None:
+    assert RolloutConfig().baseline_noise == "shared"
+    a = rollout(tiny_pipe, PROMPTS, BASELINE_CFG, generator=torch.Generator().manual_seed(11))
+    b = rollout(tiny_pipe, PROMPTS, dataclasses.replace(BASELINE_CFG, baseline_noise="shared"),
+                generator=torch.Generator().manual_seed(11))
+    for name in ("images", "completion_images", "latents", "log_probs", "initial_noise"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.baseline_latents is None and b.baseline_latents is None
+    assert a.stats == b.stats
+
+
+def _same_seed(tiny_pipe, fn, cfg: RolloutConfig, seed: int):
+    """Shared and independent rollouts drawn from the same generator seed."""
+    return (
+        fn(tiny_pipe, PROMPTS, cfg, generator=torch.Generator().manual_seed(seed)),
+        fn(tiny_pipe, PROMPTS, dataclasses.replace(cfg, baseline_noise="independent"),
+           generator=torch.Generator().manual_seed(seed)),
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RolloutConfig(num_steps=5, window_start=0, window_size=4, sampler="sde", guidance_scale=1.0),
+        dataclasses.replace(BASELINE_CFG, completion="coarse", completion_steps=2),
+    ],
+    ids=["ode-nocfg-s0", "coarse2-cfg-s1"],
+)
+def test_independent_baseline_is_the_ode_image_from_fresh_noise(tiny_pipe, cfg: RolloutConfig) -> None:
+    seed, B, W = 12, len(PROMPTS), cfg.window_size
+    shared, ind = _same_seed(tiny_pipe, rollout, cfg, seed)
+    # x_T' is the next draw of the generator after x_T and the SDE noise.
+    g = torch.Generator().manual_seed(seed)
+    adapter = load_adapter(tiny_pipe)
+    x_T = adapter.prepare_latents(B, g)
+    torch.randn((B, W, *x_T.shape[1:]), generator=g)
+    assert torch.equal(ind.baseline_latents, adapter.prepare_latents(B, g))
+    assert torch.equal(ind.initial_noise, x_T) and torch.equal(shared.initial_noise, x_T)
+    assert (ind.baseline_latents - ind.initial_noise).abs().max() > 1.0
+    # Completion 0: the pipeline's own (noise-free, full-schedule) image from x_T', whatever the
+    # completion estimator, and not the shared run's completion 0.
+    torch.testing.assert_close(ind.completion_images[:, 0], _ode_images(tiny_pipe, PROMPTS, ind.baseline_latents, cfg),
+                               rtol=0, atol=1e-5)
+    assert (ind.completion_images[:, 0] - shared.completion_images[:, 0]).abs().max() > 1e-3
+    # Everything else is the shared run. The baseline's rows change the row count of some
+    # forwards (all indices <= s), and the transformer is not batch-invariant on CPU (~1e-6), so
+    # lockstep agrees to the lockstep-vs-sequential tolerance ...
+    torch.testing.assert_close(ind.completion_images[:, 1:], shared.completion_images[:, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ind.latents, shared.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ind.log_probs, shared.log_probs, rtol=1e-4, atol=1e-5)
+    # ... and bit for bit wherever every forward has the same shape in both runs: the sequential
+    # reference, and lockstep in micro-batches of B (each branch a forward of its own).
+    for fn, micro in [(rollout_sequential, None), (rollout, B)]:
+        a, b = _same_seed(tiny_pipe, fn, dataclasses.replace(cfg, micro_batch_size=micro), seed)
+        assert torch.equal(b.baseline_latents, ind.baseline_latents)
+        assert torch.equal(b.completion_images[:, 1:], a.completion_images[:, 1:]), fn.__name__
+        assert torch.equal(b.images, a.images) and torch.equal(b.latents, a.latents), fn.__name__
+        assert torch.equal(b.log_probs, a.log_probs), fn.__name__
+    # Cost: the baseline joins all N forwards (N steps of B rows, no reused first velocity) and
+    # z_0's completion (its grid's steps but the first) is gone; still N transformer calls.
+    N, s = cfg.num_steps, cfg.window_start
+    cfg_rows = 2 if cfg.guidance_scale > 1 else 1
+    z0_rows = (len(completion_grid(cfg, s)) - 2) * B * cfg_rows
+    assert ind.stats.completion_rows == shared.stats.completion_rows - z0_rows + N * B * cfg_rows
+    assert ind.stats.rows == N * B * cfg_rows + ind.stats.completion_rows
+    assert ind.stats.passes == shared.stats.passes == N
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        BASELINE_CFG,
+        RolloutConfig(num_steps=5, window_start=0, window_size=4, sampler="sde", guidance_scale=1.0),
+        RolloutConfig(num_steps=5, window_start=2, window_size=3, sampler="cps", guidance_scale=3.0,
+                      micro_batch_size=4, completion="coarse", completion_steps=2),
+        RolloutConfig(num_steps=4, window_start=1, window_size=1, sampler="cps", guidance_scale=2.0,
+                      completion="one_step"),
+    ],
+    ids=["ode-cfg-s1", "ode-nocfg-s0", "coarse-microbatch-to-end", "one-step-w1"],
+)
+def test_independent_baseline_lockstep_equals_sequential(tiny_pipe, cfg: RolloutConfig) -> None:
+    cfg = dataclasses.replace(cfg, baseline_noise="independent")
+    a = rollout(tiny_pipe, PROMPTS, cfg, generator=torch.Generator().manual_seed(13))
+    b = rollout_sequential(tiny_pipe, PROMPTS, cfg, generator=torch.Generator().manual_seed(13))
+    B, N, s, W = len(PROMPTS), cfg.num_steps, cfg.window_start, cfg.window_size
+    assert a.completion_images.shape == (B, W + 1, 3, 32, 32)
+    assert torch.equal(a.baseline_latents, b.baseline_latents)
+    torch.testing.assert_close(a.completion_images, b.completion_images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.images, a.completion_images[:, W])
+    cfg_rows = 2 if cfg.guidance_scale > 1 else 1
+    steps = [len(completion_grid(cfg, s + k)) - 1 for k in range(1, W)]  # completions 1..W-1
+    # Lockstep: the baseline's N steps plus each other completion's steps but its reused first.
+    assert a.stats.completion_rows == (N + sum(n - 1 for n in steps)) * B * cfg_rows
+    assert b.stats.completion_rows == (N + sum(steps)) * B * cfg_rows
+    assert a.stats.rows == N * B * cfg_rows + a.stats.completion_rows
+    assert b.stats.rows == N * B * cfg_rows + b.stats.completion_rows
+    if cfg.micro_batch_size is None:
+        assert a.stats.passes == N
+
+
+def test_independent_baseline_without_completions_draws_nothing(tiny_pipe) -> None:
+    cfg = dataclasses.replace(BASELINE_CFG, completions=False)
+    a = rollout(tiny_pipe, PROMPTS, cfg, generator=torch.Generator().manual_seed(14))
+    b = rollout(tiny_pipe, PROMPTS, dataclasses.replace(cfg, baseline_noise="independent"),
+                generator=torch.Generator().manual_seed(14))
+    assert b.baseline_latents is None and b.completion_images is None
+    assert torch.equal(a.images, b.images) and a.stats == b.stats
+
+
+def test_bad_baseline_noise() -> None:
+    with pytest.raises(ValueError, match=r"baseline_noise: expected one of \('shared', 'independent'\)"):
+        RolloutConfig(baseline_noise="fresh")

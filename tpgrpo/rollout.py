@@ -8,6 +8,15 @@ completion 0 is the pure-ODE image from the same ``x_T`` (it shares the ODE pref
 completion of ``z_W`` is the trajectory's own final image (the suffix is ODE anyway), so it is
 neither recomputed nor decoded twice.
 
+Baseline noise (``RolloutConfig.baseline_noise``, DESIGN §1 on R_0): ``shared`` (default) is the
+above. ``independent`` is the published code's ``same_latent=False``: completion 0 is instead the
+pure-ODE image from fresh noise ``x_T'`` (same prompt and guidance, all N Euler steps from index
+0, whatever ``completion`` says), drawn from the same generator right after the SDE noise, so the
+trajectory, its log-probs and completions 1..W are the ``shared`` ones: bit for bit where every
+forward keeps its shape (:func:`rollout_sequential`, or micro-batches of B), to float rounding
+(~1e-6) in lockstep, whose forwards gain the baseline's rows. The completion of ``z_0`` is then
+not computed at all; ``x_T'`` is kept as ``Rollout.baseline_latents``.
+
 Cheaper estimators of those completions (``RolloutConfig.completion``): ``one_step`` scores
 the one-step prediction ``x̂0 = z_k - sigma v(z_k)``, which costs no forward (the trajectory
 computes ``v(z_k)`` for its own next step); ``coarse`` takes ``completion_steps`` Euler steps on
@@ -19,7 +28,8 @@ started and is due at i — sits at the same timestep, so all of them advance in
 transformer forward (split into micro-batches when asked). A completion's first velocity is the
 trajectory's velocity at the same state and time, so it is reused rather than recomputed. Coarse
 completions only visit schedule indices, so each of their forwards joins the trajectory's
-forward at that index: they add rows, never transformer calls.
+forward at that index: they add rows, never transformer calls. An ``independent`` baseline is
+one more branch, live from index 0, that joins the forward at every index.
 :func:`rollout_sequential` is the per-completion loop of the published code, kept as the
 reference the lockstep version is tested and benchmarked against.
 """
@@ -38,6 +48,8 @@ from tpgrpo.sde import LogProbForm, Sampler, sde_step
 
 Completion = Literal["ode", "one_step", "coarse"]
 COMPLETIONS: tuple[str, ...] = ("ode", "one_step", "coarse")
+BaselineNoise = Literal["shared", "independent"]
+BASELINE_NOISES: tuple[str, ...] = ("shared", "independent")
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,11 @@ class RolloutConfig:
             the rest of the schedule, see :func:`completion_grid`).
         completion_steps: Euler steps of a ``coarse`` completion (1 is ``one_step``; a
             completion with fewer steps left takes them all, i.e. the full ODE).
+        baseline_noise: what completion 0 (scored as R_0) is: ``shared`` (DESIGN §1) the
+            completion of z_0, i.e. the pure-ODE image from the trajectory's own x_T;
+            ``independent`` (the published code's ``same_latent=False``) the pure-ODE image
+            (all N Euler steps) from fresh noise x_T', drawn after the SDE noise; the completion
+            of z_0 is then not computed.
         micro_batch_size: rows per transformer forward (before CFG doubling); None = all.
         height, width: image size; None = the model's default.
         progress: show a progress bar over the steps (when stderr is a terminal).
@@ -74,6 +91,7 @@ class RolloutConfig:
     completions: bool = True
     completion: Completion = "ode"
     completion_steps: int = 2
+    baseline_noise: BaselineNoise = "shared"
     micro_batch_size: int | None = None
     height: int | None = None
     width: int | None = None
@@ -93,6 +111,8 @@ class RolloutConfig:
             raise ValueError(f"completion: expected one of {COMPLETIONS}, got {self.completion!r}")
         if self.completion_steps < 1:
             raise ValueError(f"completion_steps: expected >= 1, got {self.completion_steps}")
+        if self.baseline_noise not in BASELINE_NOISES:
+            raise ValueError(f"baseline_noise: expected one of {BASELINE_NOISES}, got {self.baseline_noise!r}")
 
 
 def completion_grid(cfg: RolloutConfig, start: int) -> list[int]:
@@ -131,11 +151,15 @@ class Rollout:
     Attributes:
         images: [B, 3, H, W] float in [0, 1], final images.
         completion_images: [B, W+1, 3, H, W] completions of z_0..z_W by ``cfg.completion``
-            (index 0: z_0's, with ``ode`` the pure-ODE image from x_T; index W: ``images``);
-            None without completions.
+            (index 0: z_0's, with ``ode`` the pure-ODE image from x_T, or with
+            ``baseline_noise="independent"`` the pure-ODE image from ``baseline_latents``;
+            index W: ``images``); None without completions.
         latents: [B, W+1, C, h, w] z_0..z_W.
         log_probs: [B, W] float32 log-prob of each SDE transition z_{k-1} -> z_k.
         initial_noise: [B, C, h, w] x_T.
+        baseline_latents: [B, C, h, w] x_T', the fresh noise of completion 0 with
+            ``baseline_noise="independent"``; None when ``shared`` (completion 0 starts from
+            x_T) or without completions (nothing drawn).
         step_indices: [W] long, the schedule index of each SDE step (s .. s+W-1).
         timesteps: [W] model timesteps of the SDE steps.
         sigmas: [N+1] the schedule.
@@ -153,6 +177,7 @@ class Rollout:
     sigmas: Tensor
     embeds: PromptEmbeds = field(repr=False)
     stats: ForwardStats
+    baseline_latents: Tensor | None = None
 
 
 def as_adapter(model: object) -> ModelAdapter:
@@ -200,6 +225,7 @@ class _Setup:
     timesteps: Tensor
     sigmas: Tensor
     forward: _Forward
+    baseline: Tensor | None  # x_T' of an independent completion 0
 
 
 def _setup(
@@ -226,9 +252,18 @@ def _setup(
         noise = torch.randn(shape, generator=generator, device=latents.device, dtype=torch.float32)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+    baseline = None
+    if cfg.completions and cfg.baseline_noise == "independent":
+        # x_T', drawn after the SDE noise so that the shared draws are unchanged.
+        baseline = adapter.prepare_latents(B, generator, cfg.height, cfg.width).to(adapter.device, adapter.dtype)
+        if baseline.shape != latents.shape:
+            raise ValueError(
+                f"latents: baseline_noise='independent' draws x_T' of shape {tuple(baseline.shape)} "
+                f"(cfg.height/width), but x_T has shape {tuple(latents.shape)}"
+            )
     schedule = adapter.timesteps(cfg.num_steps, cfg.height, cfg.width)
     forward = _Forward(adapter, embeds, cfg.guidance_scale, cfg.micro_batch_size)
-    return _Setup(adapter, embeds, latents, noise, schedule.timesteps, schedule.sigmas, forward)
+    return _Setup(adapter, embeds, latents, noise, schedule.timesteps, schedule.sigmas, forward, baseline)
 
 
 def _euler(velocity: Tensor, sample: Tensor, sigmas: Tensor, i: int, to: int | None = None) -> Tensor:
@@ -287,7 +322,8 @@ def rollout(
         cfg: sampling options.
         latents: [B, C, h, w] x_T; drawn from ``generator`` when None.
         noise: [B, W, C, h, w] standard normal noise of the SDE steps; drawn when None.
-        generator: RNG for x_T and the noise.
+        generator: RNG for x_T, the noise and (``baseline_noise="independent"``) x_T', in
+            that order.
 
     Returns:
         :class:`Rollout`.
@@ -299,6 +335,9 @@ def rollout(
     states = []
     log_probs = []
     branches: list[_Branch] = []  # the completion of z_k is branches[k], started or finished
+    if run.baseline is not None:
+        # Completion 0 from x_T': the full ODE, due at every index (no velocity to reuse).
+        branches.append(_Branch(run.baseline, list(range(cfg.num_steps + 1))))
 
     # disable=None: shown on a terminal only (see Trainer.rollout).
     for i in tqdm(range(cfg.num_steps), desc="rollout", disable=None if cfg.progress else True, leave=False):
@@ -314,7 +353,7 @@ def rollout(
             branch.advance(v_branch, run.sigmas)
         if s <= i < s + W:
             states.append(x)
-            if cfg.completions:
+            if cfg.completions and not (i == s and run.baseline is not None):
                 # Completion of z_k starts here; its first velocity is the trajectory's.
                 branch = _Branch(x, completion_grid(cfg, i))
                 branch.advance(v_main, run.sigmas)
@@ -349,7 +388,8 @@ def rollout_sequential(
 ) -> Rollout:
     """The same samples as :func:`rollout`, computed the published way: the trajectory first, then
     one run per completion (over its :func:`completion_grid`), each starting with its own
-    forward. Reference for tests and benchmarks; same arguments and result."""
+    forward (an independent baseline: the full ODE from x_T'). Reference for tests and
+    benchmarks; same arguments and result."""
     run = _setup(model, prompts, cfg, latents, noise, generator)
     B, s, W = len(prompts), cfg.window_start, cfg.window_size
     own = torch.arange(B, device=run.x_T.device)
@@ -371,8 +411,10 @@ def rollout_sequential(
     completion_images = None
     if cfg.completions:
         finals = []
-        for k in range(W):
-            z, grid = states[k], completion_grid(cfg, s + k)
+        starts = [(states[k], completion_grid(cfg, s + k)) for k in range(W)]
+        if run.baseline is not None:
+            starts[0] = (run.baseline, list(range(cfg.num_steps + 1)))
+        for z, grid in starts:
             for i, to in zip(grid[:-1], grid[1:]):
                 z = _euler(run.forward(z, run.timesteps[i], own, completions=B), z, run.sigmas, i, to)
             finals.append(_decode(run.adapter, z, cfg.micro_batch_size))
@@ -400,4 +442,5 @@ def _result(
         sigmas=run.sigmas,
         embeds=run.embeds,
         stats=run.forward.stats(),
+        baseline_latents=run.baseline,
     )

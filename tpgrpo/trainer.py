@@ -413,12 +413,15 @@ class Trainer:
                 # Rows kept on this process over the whole step: the denominator of its mean.
                 rows_in_step = sum(int(keep.sum()) for _, _, keep, active in group if active)
                 last_active = max((i for i, (*_, active) in enumerate(group) if active), default=None)
+                losses_finite = True
                 for i, (batch, adv, keep, active) in enumerate(group):
                     if active:
-                        self._accumulate(batch, adv, keep, rows_in_step, sums, sync=i == last_active)
+                        losses_finite &= self._accumulate(batch, adv, keep, rows_in_step, sums, sync=i == last_active)
                         batches_trained += 1
                     if i == len(group) - 1:
-                        nonfinite += not self._optimizer_step(sums, has_gradients=last_active is not None)
+                        nonfinite += not self._optimizer_step(
+                            sums, has_gradients=last_active is not None, losses_finite=losses_finite
+                        )
                     if self.ema is not None:
                         self.ema.update(self.optimizer_steps)
         steps = self.optimizer_steps - steps_before
@@ -432,9 +435,10 @@ class Trainer:
 
     def _accumulate(
         self, batch: BatchSamples, adv: Tensor, keep: Tensor, rows_in_step: int, sums: dict[str, float], *, sync: bool
-    ) -> None:
+    ) -> bool:
         """Backward passes of one rollout batch's kept rows: every window step, in micro-batches;
-        gradients reduce across processes only in the last backward of the optimizer step."""
+        gradients reduce across processes only in the last backward of the optimizer step.
+        Returns whether every loss was finite."""
         ro = batch.rollout
         W = self.cfg.sample.window_size
         rows = keep.nonzero().flatten()
@@ -445,6 +449,7 @@ class Trainer:
             rows, scale = torch.zeros(1, dtype=torch.long, device=keep.device), 0.0
         chunks = rows.split(self.cfg.train.micro_batch_size or rows.numel())
         batch_terms: dict[str, float] = {}
+        finite = True
         for c, chunk in enumerate(chunks):
             embeds = ro.embeds.select(chunk)
             for k in range(W):
@@ -454,6 +459,7 @@ class Trainer:
                     # The loss is a mean over the chunk's rows; weighting it by their share of the
                     # step's rows (and 1/W per window step) makes the sum the step's mean.
                     self.acc.backward(out.loss * (scale * chunk.numel() / W))
+                finite &= bool(torch.isfinite(out.loss))
                 share = chunk.numel() / (rows.numel() * W)
                 for name, value in (
                     ("loss/total", out.loss.detach()),
@@ -466,9 +472,12 @@ class Trainer:
                     batch_terms[name] = batch_terms.get(name, 0.0) + float(value) * share
         for name, value in batch_terms.items():
             sums[name] = sums.get(name, 0.0) + value
+        return finite
 
-    def _optimizer_step(self, sums: dict[str, float], *, has_gradients: bool) -> bool:
-        """End an optimizer step; False when its gradient norm was not finite (the step skipped)."""
+    def _optimizer_step(self, sums: dict[str, float], *, has_gradients: bool, losses_finite: bool) -> bool:
+        """End an optimizer step; False when its gradient norm was not finite (the step skipped).
+
+        ``losses_finite``: this process's losses of the step were all finite."""
         if not has_gradients:
             # No batch of the step carried signal: the weights stay as they are, but the step
             # counts, so the count and the EMA cadence follow the published schedule.
@@ -476,22 +485,27 @@ class Trainer:
             return True
         grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.train.max_grad_norm)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        # The norm is of the all-reduced gradients: every process takes the same branch.
+        if torch.isfinite(grad_norm):
             self.optimizer.step()
             self.optimizer_steps += 1
             self.nonfinite_streak = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        if not finite:
-            self._skip_step()
-        return finite
-
-    def _skip_step(self) -> None:
-        """Drop a step whose gradient norm is not finite, or stop the run after too many in a row."""
-        self.nonfinite_streak += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return True
+        nan_loss = bool(self.acc.gather(torch.tensor([not losses_finite], device=self.acc.device)).any())
         if self.acc.scaler is not None:
-            # fp16: the loss scaler skips the step itself on inf/nan gradients and lowers its scale.
+            # fp16: the loss scaler skips the step itself and lowers its scale. With finite losses
+            # that is an overflow of the scaled gradients, routine early in fp16 training, and no
+            # sign of a broken run.
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.acc.scaler is None or nan_loss:
+            self._count_nonfinite()
+        return False
+
+    def _count_nonfinite(self) -> None:
+        """One more non-finite update in a row; too many stop the run."""
+        self.nonfinite_streak += 1
         limit = self.cfg.train.max_nonfinite_updates
         if self.nonfinite_streak >= limit:
             latest = latest_checkpoint(self.run_dir / "checkpoints")
