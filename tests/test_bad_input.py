@@ -107,6 +107,12 @@ OVERRIDES = [
     ("credit.mode.x=1", ["override 'credit.mode.x': 'credit.mode' is a value, not a section"]),
     ("reward.name=nope", ["reward.name: unknown reward 'nope'; available: ", "brightness", "verifiable"]),
     ("eval.reward.name=nope", ["eval.reward.name: unknown reward 'nope'; available: "]),
+    ("train.gradient_accumulation=2", ["train.gradient_accumulation: expected a divisor of sample.batches_per_epoch (1), got 2"]),
+    ("train.micro_batch_size=0", ["train.micro_batch_size: input should be greater than or equal to 1, got 0"]),
+    ("train.ema_every=0", ["train.ema_every: input should be greater than or equal to 1, got 0"]),
+    ("credit.balance_key=rank", ["credit.balance_key: input should be 'aggregated' or 'trajectory', got 'rank'"]),
+    ("credit.balance_scope=gpu", ["credit.balance_scope: input should be 'batch' or 'process', got 'gpu'"]),
+    ("sample.baseline_noise=fresh", ["sample.baseline_noise: input should be 'shared' or 'independent', got 'fresh'"]),
 ]
 
 
