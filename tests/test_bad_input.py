@@ -47,10 +47,12 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    """Every directory and file under ``root`` by relative path: ``dir`` or the file's sha256."""
+    """Every directory and file under ``root`` by relative path: ``dir`` or the file's sha256 (run
+    locks aside: ``runs/.<name>.lock`` beside a run directory is taken by any run of it)."""
     return {
         str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
+        if not (p.name.startswith(".") and p.name.endswith(".lock"))
     }
 
 
@@ -74,8 +76,12 @@ def _fails(capsys: pytest.CaptureFixture[str], ws: Path, argv: list[str], *expec
     return line
 
 
-def _train(ws: Path, *sets: str, params: Path | None = None) -> list[str]:
+def _train(ws: Path, *sets: str, params: Path | None = None, run_name: str | None = None) -> list[str]:
     argv = ["train", "--params", str(params or ws / "params.yaml")]
+    if run_name:
+        # Another run beside the trained one: changing the model or data of the trained run
+        # would be refused as a changed configuration before these inputs are read.
+        argv += ["--run-name", run_name]
     for item in sets:
         argv += ["--set", item]
     return argv
@@ -142,7 +148,7 @@ def test_bad_params_file(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_unknown_variant(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(
         capsys, ws, [*_train(ws), "--variant", "tp_grpo_x"],
-        "variant 'tp_grpo_x' is not defined under 'variants' (defined: flow_grpo, incremental, tp_grpo, tp_grpo_no_balance, tp_grpo_no_consistent, tp_grpo_no_first_step, tp_grpo_plain)",
+        "variant 'tp_grpo_x' is not defined under 'variants' (defined: flow_grpo, incremental, tp_grpo, tp_grpo_no_balance, tp_grpo_no_consistent, tp_grpo_no_first_step, tp_grpo_plain, tp_grpo_published)",
     )
 
 
@@ -170,7 +176,7 @@ def test_params_not_valid_yaml(ws: Path, tmp_path: Path, capsys: pytest.CaptureF
 
 def test_missing_base_model(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(
-        capsys, ws, _train(ws, f"model.path={tmp_path / 'base'}"),
+        capsys, ws, _train(ws, f"model.path={tmp_path / 'base'}", run_name="other"),
         f"model.path: {tmp_path / 'base'}: no such pipeline directory (set by --set model.path",
     )
 
@@ -179,7 +185,7 @@ def test_base_model_without_model_index(ws: Path, tmp_path: Path, capsys: pytest
     shutil.copytree(ws / "base", tmp_path / "base")
     (tmp_path / "base" / "model_index.json").unlink()
     _fails(
-        capsys, ws, _train(ws, f"model.path={tmp_path / 'base'}"),
+        capsys, ws, _train(ws, f"model.path={tmp_path / 'base'}", run_name="other"),
         f"model.path: {tmp_path / 'base'}: not a diffusers pipeline directory (model_index.json missing)",
     )
 
@@ -188,7 +194,7 @@ def test_corrupt_base_model(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     shutil.copytree(ws / "base", tmp_path / "base")
     weights = tmp_path / "base" / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # model_index.json intact, weights truncated
-    _fails(capsys, ws, _train(ws, f"model.path={tmp_path / 'base'}"), f"model.path: {tmp_path / 'base'}: cannot load pipeline", str(weights))
+    _fails(capsys, ws, _train(ws, f"model.path={tmp_path / 'base'}", run_name="other"), f"model.path: {tmp_path / 'base'}: cannot load pipeline", str(weights))
 
 
 def _prompts(ws: Path, tmp_path: Path, train_text: str | None) -> Path:
@@ -219,7 +225,7 @@ def test_bad_prompt_file(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     good = (ws / "prompts" / "train.jsonl").read_text().splitlines()[0]
     text = None if lines is None else "".join((good if line == "GOOD" else line) + "\n" for line in lines)
     train = _prompts(ws, tmp_path, text)
-    _fails(capsys, ws, _train(ws, f"data.dir={train.parent}"), f"{train.parent}/{expected}")
+    _fails(capsys, ws, _train(ws, f"data.dir={train.parent}", run_name="other"), f"{train.parent}/{expected}")
 
 
 def test_run_dir_not_writable(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -642,6 +642,9 @@ class Trainer:
     def _check_run_dir(self) -> None:
         if not self.is_main:
             return
+        # Directories made for the probe are removed again: a run refused later (a bad model
+        # path, a bad prompt file) leaves no trace.
+        created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / ".write-test"
@@ -649,6 +652,8 @@ class Trainer:
             probe.unlink()
         except OSError as exc:
             raise UserError(f"{self.run_dir}: run directory is not writable ({exc.strerror})") from None
+        for directory in created:
+            directory.rmdir()
 
     def trainable_state(self, ema: bool = False) -> dict[str, Tensor]:
         source = self.ema.state() if (ema and self.ema is not None) else {n: p.detach() for n, p in self.trainable.items()}
