@@ -117,7 +117,8 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
     # The study's defaults from the params file: its run and report directories (next to it)
     # and at most ablation.max_parallel training runs at once.
     assert params["ablation"]["max_parallel"] == 2
-    assert {p.name for p in (tmp_path / "ablation" / "runs").iterdir()} == names
+    # Beside the run directories: each run's lock (.<name>.lock), hidden.
+    assert {p.name for p in (tmp_path / "ablation" / "runs").iterdir() if not p.name.startswith(".")} == names
     study = (tmp_path / "ablation" / "reports" / "study.md").read_text()
     assert "| `flow_grpo` | 2/2 |" in study and "| `tp_grpo` | 2/2 |" in study
     assert "| tp_grpo-seed2 | ok |" in (tmp_path / "ablation" / "reports" / "ablation.md").read_text()
