@@ -403,8 +403,8 @@ class Trainer:
         t = self.cfg.train
         A = t.gradient_accumulation
         sums: dict[str, float] = {}
+        grad_norms: list[float] = []
         batches_trained = nonfinite = 0
-        steps_before = self.optimizer_steps
         self.ddp_transformer.train()
         batches = list(zip(samples.batches, credit.advantages, credit.keep, credit.active))
         for _ in range(t.inner_epochs):
@@ -420,14 +420,13 @@ class Trainer:
                         batches_trained += 1
                     if i == len(group) - 1:
                         nonfinite += not self._optimizer_step(
-                            sums, has_gradients=last_active is not None, losses_finite=losses_finite
+                            grad_norms, has_gradients=last_active is not None, losses_finite=losses_finite
                         )
                     if self.ema is not None:
                         self.ema.update(self.optimizer_steps)
-        steps = self.optimizer_steps - steps_before
-        metrics = {name: value / max(batches_trained, 1) for name, value in sums.items() if name != "grad_norm"}
-        if "grad_norm" in sums:
-            metrics["grad_norm"] = sums["grad_norm"] / max(steps + nonfinite, 1)
+        metrics = {name: value / max(batches_trained, 1) for name, value in sums.items()}
+        if grad_norms:
+            metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["optimizer/steps"] = float(self.optimizer_steps)
         metrics["skipped/nonfinite_updates"] = float(nonfinite)
         metrics["time/update_s"] = time.perf_counter() - start
@@ -474,17 +473,18 @@ class Trainer:
             sums[name] = sums.get(name, 0.0) + value
         return finite
 
-    def _optimizer_step(self, sums: dict[str, float], *, has_gradients: bool, losses_finite: bool) -> bool:
+    def _optimizer_step(self, grad_norms: list[float], *, has_gradients: bool, losses_finite: bool) -> bool:
         """End an optimizer step; False when its gradient norm was not finite (the step skipped).
 
-        ``losses_finite``: this process's losses of the step were all finite."""
+        ``grad_norms``: the step's gradient norm is appended; ``losses_finite``: this process's
+        losses of the step were all finite."""
         if not has_gradients:
             # No batch of the step carried signal: the weights stay as they are, but the step
             # counts, so the count and the EMA cadence follow the published schedule.
             self.optimizer_steps += 1
             return True
         grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.train.max_grad_norm)
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        grad_norms.append(float(grad_norm))
         # The norm is of the all-reduced gradients: every process takes the same branch.
         if torch.isfinite(grad_norm):
             self.optimizer.step()
