@@ -477,18 +477,17 @@ class Trainer:
         """End an optimizer step; False when its gradient norm was not finite (the step skipped).
 
         ``grad_norms``: the step's gradient norm is appended; ``losses_finite``: this process's
-        losses of the step were all finite."""
+        losses of the step were all finite. The step counts in ``optimizer_steps`` whether or not
+        it changed the weights (no signal, a skipped non-finite update), as the published
+        ``global_step`` does: the count and the EMA cadence follow the schedule."""
+        self.optimizer_steps += 1
         if not has_gradients:
-            # No batch of the step carried signal: the weights stay as they are, but the step
-            # counts, so the count and the EMA cadence follow the published schedule.
-            self.optimizer_steps += 1
             return True
         grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.train.max_grad_norm)
         grad_norms.append(float(grad_norm))
         # The norm is of the all-reduced gradients: every process takes the same branch.
         if torch.isfinite(grad_norm):
             self.optimizer.step()
-            self.optimizer_steps += 1
             self.nonfinite_streak = 0
             self.optimizer.zero_grad(set_to_none=True)
             return True
