@@ -148,6 +148,7 @@ def test_variant_names_are_checked_before_anything_runs() -> None:
     cfg = load_config(ROOT / "params.yaml")
     assert resolve_variants(cfg, None) == cfg.ablation.variants == [
         "flow_grpo", "incremental", "tp_grpo", "tp_grpo_no_consistent", "tp_grpo_no_first_step", "tp_grpo_no_balance",
+        "tp_grpo_published",
     ]
     assert resolve_variants(cfg, ["tp_grpo", "flow_grpo", "tp_grpo"]) == ["tp_grpo", "flow_grpo"]
     with pytest.raises(ValueError, match=r"unknown variant 'tp-grpo'; defined in the params file: flow_grpo, incremental"):
