@@ -27,8 +27,13 @@ def test_two_processes_share_groups_and_end_with_equal_weights(tmp_path: Path, t
         "runs_dir": str(tmp_path / "runs"),
         "model": {"path": str(tmp_path / "base"), "resolution": 32},
         "data": {"dir": str(tmp_path / "prompts")},
-        "sample": {"num_steps": 4, "window_size": 3, "batch_size": 8, "group_size": 4, "batches_per_epoch": 1},
-        "train": {"epochs": 1, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2},
+        "sample": {"num_steps": 4, "window_size": 3, "batch_size": 8, "group_size": 4, "batches_per_epoch": 2},
+        # Two batches accumulated into one step, in micro-batches of one row: the gradients must be
+        # reduced across the processes exactly once, in the step's last backward, or the
+        # processes end with different weights. Balancing within each process's slice as well.
+        "train": {"epochs": 1, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2,
+                  "gradient_accumulation": 2, "micro_batch_size": 1},
+        "credit": {"balance_scope": "process"},
         "reward": {"name": "brightness"},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
