@@ -40,8 +40,10 @@ def main() -> None:
     R_all = acc.gather(scores.R[0]).cpu()
     local = set(batch.prompts)
     other = set(prompts_all[len(batch.prompts):] if acc.process_index == 0 else prompts_all[: len(batch.prompts)])
-    expected = group_advantages(assign_credit(R_all.double(), cfg.credit.to_credit_config()).rewards, prompts_all).advantages
     n = len(batch.prompts)
+    # balance_scope "process": turning points are balanced within each process's rows.
+    pools = torch.arange(len(prompts_all)) // n if cfg.credit.balance_scope == "process" else None
+    expected = group_advantages(assign_credit(R_all.double(), cfg.credit.to_credit_config(), pools=pools).rewards, prompts_all).advantages
     mine = expected[acc.process_index * n : (acc.process_index + 1) * n].float()
     report = {
         "rank": acc.process_index,
