@@ -80,3 +80,44 @@ def tiny_workspace(root, pipe, **sections):
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+@pytest.fixture(scope="module")
+def trainer_workspace(tmp_path_factory, tiny_pipe):
+    """The tiny pipeline saved as a base model, and prompt sets of 32 train / 4 test prompts: what
+    the trainer tests of one module train on (their runs go to directories of their own)."""
+    from tpgrpo.models import save_pipeline
+    from tpgrpo.world import write_prompt_sets
+
+    root = tmp_path_factory.mktemp("trainer")
+    save_pipeline(tiny_pipe, root / "base")
+    write_prompt_sets(root / "prompts", n_train=32, n_test=4, seed=0)
+    return root
+
+
+def trainer_config(root, runs: str, sections: dict | None = None, **overrides):
+    """A config that trains on ``trainer_workspace`` in seconds (4 steps, window 3, batches of 4
+    in groups of 2, two batches an epoch, LoRA rank 2, the brightness reward) into ``root/runs``;
+    ``sections`` update it section by section, then ``overrides`` apply as dotted ``--set``s."""
+    from tpgrpo.config import config_from_dict
+
+    raw = {
+        "seed": 3,
+        "runs_dir": str(root / runs),
+        "model": {"path": str(root / "base"), "resolution": 32},
+        "data": {"dir": str(root / "prompts")},
+        "sample": {
+            "num_steps": 4, "window_start": 0, "window_size": 3, "guidance_scale": 2.0,
+            "batch_size": 4, "group_size": 2, "batches_per_epoch": 2,
+        },
+        "train": {"epochs": 2, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2, "kl_beta": 0.1},
+        "eval": {"every": 1, "num_steps": 4, "batch_size": 4},
+        "reward": {"name": "brightness"},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+    }
+    for name, values in (sections or {}).items():
+        if isinstance(values, dict):
+            raw.setdefault(name, {}).update(values)
+        else:
+            raw[name] = values
+    return config_from_dict(raw, overrides=[f"{k}={v}" for k, v in overrides.items()])

@@ -7,6 +7,7 @@ in the source and watching the test fail.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,9 @@ from tpgrpo.checkpoint import (
 )
 from tpgrpo.rewards import RewardOutput
 from tpgrpo.scoring import reward_sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import trainer_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -254,41 +258,19 @@ def test_crash_anywhere_in_commit_keeps_the_previous_checkpoint_loadable(tmp_pat
 # ------------------------------------------------------------------ 5. KL reference, full fine-tuning
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_pipe):
-    from tpgrpo.models import save_pipeline
-    from tpgrpo.world import write_prompt_sets
-
-    root = tmp_path_factory.mktemp("mutations")
-    save_pipeline(tiny_pipe, root / "base")
-    write_prompt_sets(root / "prompts", n_train=32, n_test=4, seed=0)
-    return root
-
-
 def _full_finetune_cfg(root: Path, runs: str):
     """test_trainer's tiny setup, with full fine-tuning (lora_rank null) and a KL penalty; one
     batch per epoch, so an update's every step sees the weights it started from."""
-    from tpgrpo.config import config_from_dict
-
-    raw = {
-        "seed": 3,
-        "runs_dir": str(root / runs),
-        "model": {"path": str(root / "base"), "resolution": 32},
-        "data": {"dir": str(root / "prompts")},
-        "sample": {
-            "num_steps": 4, "window_start": 0, "window_size": 3, "guidance_scale": 2.0,
-            "batch_size": 4, "group_size": 2, "batches_per_epoch": 1,
-        },
+    sections = {
+        "sample": {"batches_per_epoch": 1},
         "credit": {"mode": "outcome"},
-        "train": {"epochs": 1, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": None, "kl_beta": 0.1, "ema_decay": None},
-        "eval": {"every": 1, "num_steps": 2, "batch_size": 4},
-        "reward": {"name": "brightness"},
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        "train": {"epochs": 1, "lora_rank": None, "ema_decay": None},
+        "eval": {"num_steps": 2},
     }
-    return config_from_dict(raw)
+    return trainer_config(root, runs, sections)
 
 
-def test_full_finetuning_kl_reference_is_the_frozen_base_model(workspace):
+def test_full_finetuning_kl_reference_is_the_frozen_base_model(trainer_workspace):
     """Guards: under full fine-tuning (train.lora_rank null, kl_beta > 0) the KL reference being
     the trained weights (``self.reference = self.transformer`` instead of a frozen deep copy, or
     the loss evaluating the reference with the trained module): the KL term is then always 0 and
@@ -296,9 +278,9 @@ def test_full_finetuning_kl_reference_is_the_frozen_base_model(workspace):
     from tpgrpo.models import load_pipeline
     from tpgrpo.trainer import Trainer
 
-    trainer = Trainer(_full_finetune_cfg(workspace, "runs-fullft-kl"), variant="full", resume=False)
+    trainer = Trainer(_full_finetune_cfg(trainer_workspace, "runs-fullft-kl"), variant="full", resume=False)
     assert trainer.reference is not None
-    base = load_pipeline(workspace / "base").transformer.eval()
+    base = load_pipeline(trainer_workspace / "base").transformer.eval()
     config = base.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, config.in_channels, 8, 8, generator=g)

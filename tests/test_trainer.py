@@ -2,55 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tpgrpo.config import config_from_dict
 from tpgrpo.errors import ConfigError, ModelLoadError, UserError
 from tpgrpo.rewards import RewardOutput, register_reward
 from tpgrpo.tracking import MLflowTracker
 from tpgrpo.trainer import Trainer
 
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_pipe):
-    from tpgrpo.models import save_pipeline
-    from tpgrpo.world import write_prompt_sets
-
-    root = tmp_path_factory.mktemp("trainer")
-    save_pipeline(tiny_pipe, root / "base")
-    write_prompt_sets(root / "prompts", n_train=32, n_test=4, seed=0)
-    return root
-
-
-def _cfg(root: Path, runs: str, **overrides):
-    raw = {
-        "seed": 3,
-        "runs_dir": str(root / runs),
-        "model": {"path": str(root / "base"), "resolution": 32},
-        "data": {"dir": str(root / "prompts")},
-        "sample": {
-            "num_steps": 4, "window_start": 0, "window_size": 3, "guidance_scale": 2.0,
-            "batch_size": 4, "group_size": 2, "batches_per_epoch": 2,
-        },
-        "train": {"epochs": 2, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2, "kl_beta": 0.1},
-        "eval": {"every": 1, "num_steps": 4, "batch_size": 4},
-        "reward": {"name": "brightness"},
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
-    }
-    return config_from_dict(raw, overrides=[f"{k}={v}" for k, v in overrides.items()])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import trainer_config  # noqa: E402
 
 
 def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
     return trainer.trainable_state()
 
 
-def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
+def test_two_epochs_update_lora_and_log_to_mlflow(trainer_workspace: Path) -> None:
     import mlflow
 
-    cfg = _cfg(workspace, "runs-log")
+    cfg = trainer_config(trainer_workspace, "runs-log")
     tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, run_name="tp_grpo")
     trainer = Trainer(cfg, variant="tp_grpo", tracker=tracker)
     before = _lora(trainer)
@@ -67,7 +41,7 @@ def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
         assert key in run.data.metrics, key
     history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(tracker.run_id, "eval/reward")
     assert [m.step for m in history] == [0, 1, 2]
-    out = workspace / "runs-log" / "tp_grpo"
+    out = trainer_workspace / "runs-log" / "tp_grpo"
     assert (out / "metrics.json").is_file() and (out / "history.csv").read_text().count("\n") == 3
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "samples" / "epoch_0002.png").is_file()
@@ -75,7 +49,7 @@ def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
     # The exported LoRA, loaded as a user loads it, is the trained EMA model (alpha included).
     from tpgrpo.models import load_pipeline
 
-    loaded = load_pipeline(workspace / "base")
+    loaded = load_pipeline(trainer_workspace / "base")
     loaded.load_lora_weights(out / "final")
     config = trainer.transformer.config
     g = torch.Generator().manual_seed(0)
@@ -93,13 +67,13 @@ def test_two_epochs_update_lora_and_log_to_mlflow(workspace: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_exact(workspace: Path) -> None:
-    straight = Trainer(_cfg(workspace, "runs-straight"), variant="v")
+def test_resume_is_bitwise_exact(trainer_workspace: Path) -> None:
+    straight = Trainer(trainer_config(trainer_workspace, "runs-straight"), variant="v")
     straight.fit()
-    first = Trainer(_cfg(workspace, "runs-resumed", **{"train.epochs": 1}), variant="v")
+    first = Trainer(trainer_config(trainer_workspace, "runs-resumed", **{"train.epochs": 1}), variant="v")
     first.fit()
     del first  # the "killed" process
-    resumed = Trainer(_cfg(workspace, "runs-resumed"), variant="v")
+    resumed = Trainer(trainer_config(trainer_workspace, "runs-resumed"), variant="v")
     assert resumed.epoch == 1
     resumed.fit()
     a, b = _lora(straight), _lora(resumed)
@@ -109,8 +83,8 @@ def test_resume_is_bitwise_exact(workspace: Path) -> None:
     assert len(resumed.history) == 2
 
 
-def test_outcome_mode_skips_completions(workspace: Path) -> None:
-    trainer = Trainer(_cfg(workspace, "runs-outcome", **{"credit.mode": "outcome"}), variant="flow_grpo")
+def test_outcome_mode_skips_completions(trainer_workspace: Path) -> None:
+    trainer = Trainer(trainer_config(trainer_workspace, "runs-outcome", **{"credit.mode": "outcome"}), variant="flow_grpo")
     samples = trainer.rollout(0)
     assert all(b.rollout.completion_images is None for b in samples.batches)
     scores = trainer.score(samples)
@@ -121,14 +95,14 @@ def _register(name: str, fn) -> None:
     register_reward(name, lambda: fn, overwrite=True)
 
 
-def test_nonfinite_rewards_and_zero_variance_groups_are_counted(workspace: Path) -> None:
+def test_nonfinite_rewards_and_zero_variance_groups_are_counted(trainer_workspace: Path) -> None:
     def half_nan(images, prompts, metadata):
         scores = images.mean(dim=(1, 2, 3))
         scores[::2] = float("nan")
         return RewardOutput(scores=scores)
 
     _register("half_nan", half_nan)
-    trainer = Trainer(_cfg(workspace, "runs-nan", **{"reward.name": "half_nan", "train.epochs": 1}), variant="v")
+    trainer = Trainer(trainer_config(trainer_workspace, "runs-nan", **{"reward.name": "half_nan", "train.epochs": 1}), variant="v")
     samples = trainer.rollout(0)
     scores = trainer.score(samples)
     assert scores.metrics["skipped/nonfinite"] > 0
@@ -139,7 +113,7 @@ def test_nonfinite_rewards_and_zero_variance_groups_are_counted(workspace: Path)
     assert all(torch.isfinite(p).all() for p in trainer.trainable.values())
 
     _register("constant", lambda images, prompts, metadata: RewardOutput(scores=torch.ones(len(prompts))))
-    trainer = Trainer(_cfg(workspace, "runs-const", **{"reward.name": "constant", "train.epochs": 1}), variant="v")
+    trainer = Trainer(trainer_config(trainer_workspace, "runs-const", **{"reward.name": "constant", "train.epochs": 1}), variant="v")
     before = _lora(trainer)
     samples = trainer.rollout(0)
     credit = trainer.credit(samples, trainer.score(samples))
@@ -150,18 +124,18 @@ def test_nonfinite_rewards_and_zero_variance_groups_are_counted(workspace: Path)
     assert all(torch.equal(before[n], after[n]) for n in before)  # no signal, no step
 
 
-def test_bad_input_is_one_line(workspace: Path, tmp_path: Path) -> None:
+def test_bad_input_is_one_line(trainer_workspace: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such pipeline directory"):
-        Trainer(_cfg(workspace, "runs-bad", **{"model.path": str(tmp_path / "nope")}), variant="v")
+        Trainer(trainer_config(trainer_workspace, "runs-bad", **{"model.path": str(tmp_path / "nope")}), variant="v")
     with pytest.raises(ConfigError, match="distinct prompts"):
-        Trainer(_cfg(workspace, "runs-bad", **{"sample.batches_per_epoch": 40}), variant="v")
+        Trainer(trainer_config(trainer_workspace, "runs-bad", **{"sample.batches_per_epoch": 40}), variant="v")
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UserError, match="not writable"):
-        Trainer(_cfg(workspace, "runs-bad", runs_dir=str(blocker)), variant="v")
+        Trainer(trainer_config(trainer_workspace, "runs-bad", runs_dir=str(blocker)), variant="v")
 
 
-def test_resume_with_a_changed_method_is_refused(workspace: Path) -> None:
+def test_resume_with_a_changed_method_is_refused(trainer_workspace: Path) -> None:
     """A run trained as tp_grpo does not continue as outcome credit: one line naming the field, the
     run directory and its MLflow run untouched; an extended train.epochs resumes."""
     import hashlib
@@ -171,7 +145,7 @@ def test_resume_with_a_changed_method_is_refused(workspace: Path) -> None:
     from tpgrpo.runguard import ConfigMismatchError
     from tpgrpo.trainer import train_variant_run
 
-    cfg = _cfg(workspace, "runs-guard", **{"train.epochs": 1})
+    cfg = trainer_config(trainer_workspace, "runs-guard", **{"train.epochs": 1})
     first = train_variant_run(cfg, name="tp_grpo")
     run_dir = first.result.run_dir
 
@@ -179,7 +153,7 @@ def test_resume_with_a_changed_method_is_refused(workspace: Path) -> None:
         return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
     before = snapshot()
-    changed = _cfg(workspace, "runs-guard", **{"train.epochs": 2, "credit.mode": "outcome"})
+    changed = trainer_config(trainer_workspace, "runs-guard", **{"train.epochs": 2, "credit.mode": "outcome"})
     with pytest.raises(ConfigMismatchError) as err:
         train_variant_run(changed, name="tp_grpo")
     message = str(err.value)
@@ -188,5 +162,5 @@ def test_resume_with_a_changed_method_is_refused(workspace: Path) -> None:
     assert snapshot() == before
     assert mlflow.MlflowClient(cfg.tracking.uri).get_run(first.run_id).info.status == "FINISHED"
 
-    resumed = train_variant_run(_cfg(workspace, "runs-guard", **{"train.epochs": 2}), name="tp_grpo")
+    resumed = train_variant_run(trainer_config(trainer_workspace, "runs-guard", **{"train.epochs": 2}), name="tp_grpo")
     assert resumed.result.epochs == 2 and resumed.run_id == first.run_id

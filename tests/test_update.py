@@ -3,50 +3,32 @@ step count, the update's direction, the EMA worked by hand, and non-finite updat
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tpgrpo.config import config_from_dict
 from tpgrpo.ema import WeightEMA
 from tpgrpo.errors import ConfigError, TrainingError
 from tpgrpo.loss import grpo_loss
 from tpgrpo.sde import sde_step
 from tpgrpo.trainer import EpochCredit, Trainer
 
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_pipe):
-    from tpgrpo.models import save_pipeline
-    from tpgrpo.world import write_prompt_sets
-
-    root = tmp_path_factory.mktemp("update")
-    save_pipeline(tiny_pipe, root / "base")
-    write_prompt_sets(root / "prompts", n_train=32, n_test=4, seed=0)
-    return root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import trainer_config  # noqa: E402
 
 
 def _cfg(root: Path, runs: str, **overrides):
-    raw = {
+    """Three steps, a window of 2, incremental credit, two batches accumulated into one step."""
+    sections = {
         "seed": 5,
-        "runs_dir": str(root / runs),
-        "model": {"path": str(root / "base"), "resolution": 32},
-        "data": {"dir": str(root / "prompts")},
-        "sample": {
-            "num_steps": 3, "window_start": 0, "window_size": 2, "guidance_scale": 2.0,
-            "batch_size": 4, "group_size": 2, "batches_per_epoch": 2,
-        },
+        "sample": {"num_steps": 3, "window_size": 2},
         "credit": {"mode": "incremental"},
-        "train": {
-            "epochs": 1, "learning_rate": 1e-2, "clip_range": 0.2, "lora_rank": 2, "kl_beta": 0.1,
-            "gradient_accumulation": 2, "max_grad_norm": 1e6,
-        },
-        "eval": {"every": 1, "num_steps": 3, "batch_size": 4, "num_prompts": 2},
-        "reward": {"name": "brightness"},
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        "train": {"epochs": 1, "gradient_accumulation": 2, "max_grad_norm": 1e6},
+        "eval": {"num_steps": 3, "num_prompts": 2},
     }
-    return config_from_dict(raw, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return trainer_config(root, runs, sections, **overrides)
 
 
 def _reference_gradients(trainer: Trainer, samples, credit) -> dict[str, torch.Tensor]:
@@ -84,11 +66,11 @@ def _epoch(trainer: Trainer):
 
 
 @pytest.mark.parametrize("micro", [None, 1, 3])
-def test_accumulated_micro_batched_step_is_one_step_over_all_rows(workspace: Path, micro) -> None:
+def test_accumulated_micro_batched_step_is_one_step_over_all_rows(trainer_workspace: Path, micro) -> None:
     """Two accumulated rollout batches, in micro-batches of any size, take the step that one batch
     holding all their rows takes: the gradient of the mean loss over every kept row (plain loop),
     then one AdamW step."""
-    trainer = Trainer(_cfg(workspace, f"runs-acc-{micro}", **{"train.micro_batch_size": micro or "null"}), variant="v")
+    trainer = Trainer(_cfg(trainer_workspace, f"runs-acc-{micro}", **{"train.micro_batch_size": micro or "null"}), variant="v")
     samples, credit = _epoch(trainer)
     # Drop a row, so the two batches hold different numbers of rows and a per-batch mean
     # (instead of the per-row mean of the step) would show.
@@ -124,30 +106,30 @@ def test_accumulated_micro_batched_step_is_one_step_over_all_rows(workspace: Pat
         torch.testing.assert_close(trainer.trainable[n].detach(), p.detach(), atol=1e-5, rtol=0)
 
 
-def test_optimizer_steps_follow_the_accumulation(workspace: Path) -> None:
+def test_optimizer_steps_follow_the_accumulation(trainer_workspace: Path) -> None:
     """history.csv counts optimizer steps: batches_per_epoch / gradient_accumulation per epoch."""
     import csv
 
     for accumulation, expected in ((2, [1.0, 2.0]), (1, [2.0, 4.0])):
-        cfg = _cfg(workspace, f"runs-steps-{accumulation}", **{"train.epochs": 2, "train.gradient_accumulation": accumulation, "eval.every": 2})
+        cfg = _cfg(trainer_workspace, f"runs-steps-{accumulation}", **{"train.epochs": 2, "train.gradient_accumulation": accumulation, "eval.every": 2})
         trainer = Trainer(cfg, variant="v")
         trainer.fit()
         with open(Path(cfg.runs_dir) / "v" / "history.csv") as f:
             assert [float(row["optimizer/steps"]) for row in csv.DictReader(f)] == expected
 
 
-def test_accumulation_must_divide_the_epoch(workspace: Path) -> None:
+def test_accumulation_must_divide_the_epoch(trainer_workspace: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.gradient_accumulation: expected a divisor of sample\.batches_per_epoch \(2\), got 3"):
-        _cfg(workspace, "runs-bad", **{"train.gradient_accumulation": 3})
+        _cfg(trainer_workspace, "runs-bad", **{"train.gradient_accumulation": 3})
     with pytest.raises(ConfigError, match=r"train\.micro_batch_size"):
-        _cfg(workspace, "runs-bad", **{"train.micro_batch_size": 0})
+        _cfg(trainer_workspace, "runs-bad", **{"train.micro_batch_size": 0})
 
 
-def test_update_raises_the_log_prob_of_a_positive_advantage(workspace: Path) -> None:
+def test_update_raises_the_log_prob_of_a_positive_advantage(trainer_workspace: Path) -> None:
     """At ratio 1 the step moves the policy towards a transition with a positive advantage and away
     from one with a negative advantage."""
     for sign in (1.0, -1.0):
-        trainer = Trainer(_cfg(workspace, f"runs-dir-{sign}", **{"train.kl_beta": 0.0, "train.ema_decay": "null"}), variant="v")
+        trainer = Trainer(_cfg(trainer_workspace, f"runs-dir-{sign}", **{"train.kl_beta": 0.0, "train.ema_decay": "null"}), variant="v")
         samples, credit = _epoch(trainer)
         advantages = [torch.zeros_like(a) for a in credit.advantages]
         keep = [torch.zeros_like(k) for k in credit.keep]
@@ -184,13 +166,13 @@ def test_ema_by_hand() -> None:
     assert torch.equal(p.detach(), torch.tensor([3.0, 2.0]))
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(workspace: Path, monkeypatch) -> None:
+def test_nonfinite_updates_are_skipped_then_stop_the_run(trainer_workspace: Path, monkeypatch) -> None:
     """A NaN loss skips the optimizer step (weights unchanged, counted); max_nonfinite_updates in a
     row stop the run with a one-line error and leave the last checkpoint as it was."""
     import tpgrpo.trainer as trainer_module
     from tpgrpo.checkpoint import latest_checkpoint, load_checkpoint
 
-    cfg = _cfg(workspace, "runs-nan", **{"train.epochs": 3, "train.max_nonfinite_updates": 2, "eval.every": 5})
+    cfg = _cfg(trainer_workspace, "runs-nan", **{"train.epochs": 3, "train.max_nonfinite_updates": 2, "eval.every": 5})
     trainer = Trainer(cfg, variant="v")
     real = trainer_module.grpo_loss
     state = {"poison": False}
@@ -213,7 +195,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(workspace: Path, monkey
 
     state["poison"] = False
     # Two steps an epoch, so the second epoch's two NaN steps stop the run before its checkpoint.
-    cfg = _cfg(workspace, "runs-nan", **{"train.epochs": 3, "train.max_nonfinite_updates": 2, "eval.every": 5, "train.gradient_accumulation": 1})
+    cfg = _cfg(trainer_workspace, "runs-nan", **{"train.epochs": 3, "train.max_nonfinite_updates": 2, "eval.every": 5, "train.gradient_accumulation": 1})
     trainer = Trainer(cfg, variant="v2")
     original_update = trainer.update
 
@@ -232,15 +214,15 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(workspace: Path, monkey
 
 
 @pytest.mark.slow
-def test_crash_between_accumulated_batches_resumes_bitwise(workspace: Path, monkeypatch) -> None:
+def test_crash_between_accumulated_batches_resumes_bitwise(trainer_workspace: Path, monkeypatch) -> None:
     """A run that dies in epoch 2's update, after the first of the two batches of an optimizer step
     (gradients half accumulated), resumes from epoch 1's checkpoint and ends bitwise equal to a run
     never interrupted: weights, EMA (updated every other step) and step count."""
     overrides = {"train.epochs": 3, "train.ema_every": 2, "eval.every": 3}
-    straight = Trainer(_cfg(workspace, "runs-crash-straight", **overrides), variant="v")
+    straight = Trainer(_cfg(trainer_workspace, "runs-crash-straight", **overrides), variant="v")
     straight.fit()
 
-    crashing = Trainer(_cfg(workspace, "runs-crash", **overrides), variant="v")
+    crashing = Trainer(_cfg(trainer_workspace, "runs-crash", **overrides), variant="v")
     accumulate = crashing._accumulate
     calls = {"n": 0}
 
@@ -257,7 +239,7 @@ def test_crash_between_accumulated_batches_resumes_bitwise(workspace: Path, monk
     crashing.executor.shutdown(wait=False, cancel_futures=True)
     del crashing
 
-    resumed = Trainer(_cfg(workspace, "runs-crash", **overrides), variant="v")
+    resumed = Trainer(_cfg(trainer_workspace, "runs-crash", **overrides), variant="v")
     assert resumed.epoch == 1 and resumed.optimizer_steps == 1
     resumed.fit()
     for ema in (False, True):
