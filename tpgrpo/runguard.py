@@ -1,7 +1,7 @@
 """Guards for a run directory (``<runs_dir>/<name>/``): the configuration it was trained with, and
 one training process at a time.
 
-- :func:`run_config` / :func:`write_run_config` / :func:`read_run_config` record the configuration
+- :func:`run_config` / :func:`write_run_config` record the configuration
   a run trains with (``config.json`` in the run directory: every leaf of
   :meth:`~tpgrpo.config.ExperimentConfig.flat` and its hash).
 - :func:`check_resume` refuses to resume a run whose recorded configuration differs from the
@@ -102,18 +102,8 @@ class FieldChange(NamedTuple):
 class _Absent:
     """The value of a field that one side does not have."""
 
-    _instance: _Absent | None = None
-
-    def __new__(cls) -> _Absent:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
     def __repr__(self) -> str:
         return "(absent)"
-
-    def __reduce__(self) -> str:
-        return "ABSENT"
 
 
 ABSENT: Any = _Absent()
@@ -229,30 +219,6 @@ def write_run_config(run_dir: str | os.PathLike, rc: RunConfig) -> Path:
         raise
     _fsync_dir(run_dir)
     return path
-
-
-def read_run_config(run_dir: str | os.PathLike) -> RunConfig | None:
-    """The configuration recorded in ``run_dir/config.json``, or None when there is none. Its
-    hash is recomputed from the fields read (so it always describes them).
-
-    Raises:
-        UserError: the file exists but is not a configuration written by :func:`write_run_config`.
-    """
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the run's configuration ({exc.strerror or exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); pass --restart to start over") from exc
-    fields = data.get("fields") if isinstance(data, dict) else None
-    if not isinstance(fields, dict):
-        raise UserError(f"{path}: expected an object with a 'fields' object; pass --restart to start over")
-    return _make(fields)
 
 
 def lock_path(runs_dir: str | os.PathLike, name: str) -> Path:
