@@ -1,12 +1,17 @@
-"""Prefect flow ``tpgrpo``: the ablation study, its fan-out and its comparison.
+"""Prefect flow ``tpgrpo``: a seeded study, its fan-out and its comparison.
 
-The study is the params file's ``ablation`` section (variants, seeds, overrides, where runs and
-reports go); the flow's parameters override it. One MLflow parent run per ablation; every
-(variant, seed) trains as its own child flow run of ``tpgrpo-train`` (one MLflow child run each,
-nested under the parent), then a ``compare`` task writes the study's report
-(:func:`tpgrpo.study.build_study_report`: mean and spread over seeds, epochs to reach the
-reference, turning-point rates) and the table of every run (:func:`tpgrpo.report.build_report`),
-and publishes them as Prefect artifacts and as artifacts of the parent MLflow run.
+The study is a named entry of the params file's ``studies`` (``study=NAME``), or the default
+one, the ``ablation`` section (variants, seeds, epochs, eval size, overrides); ``ablation`` also
+says where every study's runs and reports go. The flow's parameters override the study. One
+MLflow parent run per study run; every (variant, seed) trains as its own child flow run of
+``tpgrpo-train`` (one MLflow child run each, nested under the parent), then a ``compare`` task
+writes the study's report (:func:`tpgrpo.study.build_study_report`: intervals, power, noise
+split, per-constraint and held-in results) and publishes it as Prefect artifacts and as
+artifacts of the parent MLflow run.
+
+Runs are named ``<variant>-seed<N>-<settings key>`` (:func:`tpgrpo.study.study_run_name`); a run
+another study already finished with the same settings is reused, not trained again (unless
+``restart``).
 
 Where the children run:
 - when the deployment ``tpgrpo-train/train`` exists and is ready (a ``python -m flows.serve``
@@ -20,8 +25,8 @@ A failing variant does not stop the others: its child flow run ends Failed, its 
 FAILED (created FAILED if it never got that far), the report lists it as failed, and after the
 comparison the ablation itself ends Failed, naming the failed variants.
 
-Run directories: ``<ablation.runs_dir>/<variant>-seed<N>``, or ``<variant>`` for the params
-file's own seed (:func:`tpgrpo.study.run_name`).
+Run directories: ``<ablation.runs_dir>/<run name>``; reports: ``<ablation.reports_dir>/<study>.md``
+and ``.json`` with its plots.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from pydantic import Field
 
 from flows import require_api
 from flows.training import DEPLOYMENT_NAME, FLOW_NAME, FLOW_RUN_TAG, SEED_TAG, train_variant
-from tpgrpo.config import ExperimentConfig, load_config
-from tpgrpo.study import run_name
+from tpgrpo.config import DEFAULT_STUDY, ExperimentConfig, load_config
+from tpgrpo.study import study_run_name
 
 TRAIN_DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 ABLATION_FLOW_NAME = "tpgrpo"
@@ -70,13 +75,14 @@ class ChildOutcome:
 # --------------------------------------------------------------------------- validation
 
 
-def resolve_variants(cfg: ExperimentConfig, variants: list[str] | None) -> list[str]:
-    """The variants to run, in order, without duplicates; None means the study's
-    (``ablation.variants``). Raises ValueError naming an unknown variant and the defined ones."""
+def resolve_variants(cfg: ExperimentConfig, variants: list[str] | None, study: str | None = None) -> list[str]:
+    """The variants to run, in order, without duplicates; None means the study's. Raises
+    ValueError naming an unknown variant and the defined ones."""
     if variants is None:
-        if not cfg.ablation.variants:
-            raise ValueError("ablation.variants is empty; list the study's variants there or pass `variants`")
-        return list(cfg.ablation.variants)
+        field = f"studies.{study}" if study not in (None, DEFAULT_STUDY) else DEFAULT_STUDY
+        if not cfg.study(study).variants:
+            raise ValueError(f"{field}.variants is empty; list the study's variants there or pass `variants`")
+        return list(cfg.study(study).variants)
     chosen = list(dict.fromkeys(variants))
     if not chosen:
         raise ValueError("variants: expected at least one variant name")
@@ -92,58 +98,56 @@ def resolve_variants(cfg: ExperimentConfig, variants: list[str] | None) -> list[
 
 @task(name="compare", task_run_name="compare", cache_policy=NO_CACHE, persist_result=False)
 def compare_task(
+    study: str,
     runs_dir: str,
     variants: list[str],
     seeds: list[int],
-    params_seed: int,
+    settings: list[str],
     reference: str,
     credit_modes: dict[str, str],
     reports_dir: str,
     tracking_uri: str | None,
     parent_run_id: str | None,
     failures: dict[str, str],
+    command: str,
 ) -> dict[str, Any]:
-    """The study's report (:func:`tpgrpo.study.build_study_report`: mean and spread over seeds)
-    and the table of every run (:func:`tpgrpo.report.build_report`) to ``reports_dir``, to the
+    """The study's report (:func:`tpgrpo.study.build_study_report`) to ``reports_dir``, to the
     parent MLflow run, and as Prefect table and markdown artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tpgrpo.report import build_report
     from tpgrpo.study import build_study_report
 
-    names = [run_name(v, s, params_seed) for v in variants for s in seeds]
-    runs = build_report(
-        runs_dir, names, reports_dir, tracking_uri=tracking_uri, parent_run_id=parent_run_id, failures=failures
-    )
-    study = build_study_report(
+    report = build_study_report(
         runs_dir,
         variants,
         seeds,
         reports_dir,
-        params_seed=params_seed,
+        name_of=lambda variant, seed: study_run_name(variant, seed, settings),
         reference=reference,
+        study=study,
         credit_modes=credit_modes,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         failures=failures,
+        command=command,
     )
+    key = study.replace("_", "-")
     create_table_artifact(
-        table=study.records(),
-        key=TABLE_ARTIFACT_KEY,
-        description="TP-GRPO ablation: final eval reward per variant, mean and std over seeds",
+        table=report.records(),
+        key=f"{TABLE_ARTIFACT_KEY}-{key}",
+        description=f"Study {study}: final eval reward per variant, gain and difference to {reference} with 95% intervals",
     )
-    plots = "\n".join(f"- `{p}`" for p in [*study.plot_paths.values(), *runs.plot_paths.values()])
+    plots = "\n".join(f"- `{p}`" for p in report.plot_paths.values())
     create_markdown_artifact(
-        markdown=f"{study.markdown}\n{runs.markdown}\nPlots:\n\n{plots}\n",
-        key=MARKDOWN_ARTIFACT_KEY,
-        description="TP-GRPO ablation report",
+        markdown=f"{report.markdown}\nPlots:\n\n{plots}\n",
+        key=f"{MARKDOWN_ARTIFACT_KEY}-{key}",
+        description=f"Study {study} report",
     )
     return {
-        "markdown": str(study.markdown_path),
-        "json": str(study.json_path),
-        "runs_markdown": str(runs.markdown_path),
-        "plots": {k: str(v) for k, v in {**runs.plot_paths, **study.plot_paths}.items()},
-        "failed": list(runs.failed),
+        "markdown": str(report.markdown_path),
+        "json": str(report.json_path),
+        "plots": {k: str(v) for k, v in report.plot_paths.items()},
+        "failed": list(report.failed),
     }
 
 
@@ -294,6 +298,7 @@ def _settle_mlflow(cfg: ExperimentConfig, parent_run_id: str | None, outcome: Ch
 
 @flow(name=ABLATION_FLOW_NAME, persist_result=False)
 def ablation(
+    study: str | None = None,
     variants: list[str] | None = None,
     seeds: Annotated[list[int] | None, Field(min_length=1)] = None,
     epochs: Annotated[int | None, Field(ge=1)] = None,
@@ -304,106 +309,130 @@ def ablation(
     reports_dir: Annotated[str | None, Field(min_length=1)] = None,
     max_parallel: Annotated[int | None, Field(ge=1)] = None,
 ) -> dict[str, Any]:
-    """The ablation study of the params file's `ablation` section: every (variant, seed) as a
-    child flow run of tpgrpo-train, then the comparison over seeds. Every parameter left null
-    takes the `ablation` section's value.
+    """A seeded study of the params file: every (variant, seed) as a child flow run of
+    tpgrpo-train, then the comparison over seeds. Every parameter left null takes the study's
+    value.
 
     Returns a summary: the parent MLflow run id, each run's outcome, and the report's files.
     Raises AblationError (the flow run ends Failed) after the comparison when some run failed.
 
     Args:
-        variants: names under `variants` in the params file; null = ablation.variants
-            (flow_grpo, incremental, tp_grpo and tp_grpo without each of its options).
-        seeds: one run per variant and seed; null = ablation.seeds.
-        epochs: overrides train.epochs for every run.
+        study: a name under `studies` in the params file (headline, options, published,
+            paper_hparams, ...); null = the default study, the `ablation` section.
+        variants: names under `variants` in the params file; null = the study's.
+        seeds: one run per variant and seed; null = the study's.
+        epochs: overrides train.epochs for every run (null = the study's epochs).
         params_path: the experiment file (relative to the working directory).
         overrides: dotted overrides for every run, e.g. sample.batch_size=8, applied after
-            ablation.overrides.
+            the study's.
         in_process: train here, one run after the other, even if the tpgrpo-train/train
             deployment is ready.
-        restart: discard existing run directories instead of resuming from their checkpoints.
-        reports_dir: where the comparison (study.md, study.json, runs.md, plots) is written;
-            null = ablation.reports_dir.
+        restart: discard existing run directories instead of resuming from their checkpoints
+            (or reusing them when finished).
+        reports_dir: where the report (<study>.md, <study>.json, plots) is written; null =
+            ablation.reports_dir.
         max_parallel: training runs at once on the deployment; null = ablation.max_parallel.
     """
     logger = get_run_logger()
     params_file = Path(params_path).resolve()
-    study = load_config(params_file).ablation
-    # The study's own directory first, so that `overrides` can still move it.
-    child_overrides = [f"runs_dir={json.dumps(study.runs_dir)}", *study.override_list(), *overrides]
-    child_overrides += [f"train.epochs={epochs}"] if epochs is not None else []
+    base = load_config(params_file)
+    spec = base.study(study)
+    study_name = study or DEFAULT_STUDY
+    shared = base.ablation
+    settings = [*spec.override_list(), *overrides]
+    settings += [f"train.epochs={epochs}"] if epochs is not None else []
+    # The runs' directory first, so that `overrides` can still move it; it does not name runs.
+    child_overrides = [f"runs_dir={json.dumps(shared.runs_dir)}", *settings]
     cfg = load_config(params_file, overrides=child_overrides)
-    chosen = resolve_variants(cfg, variants)
-    seed_list = list(dict.fromkeys(seeds if seeds is not None else study.seeds))
+    chosen = resolve_variants(cfg, variants, study)
+    seed_list = list(dict.fromkeys(seeds if seeds is not None else spec.seeds))
     # Every variant's config must load before anything starts.
-    modes = {name: load_config(params_file, variant=name, overrides=child_overrides).credit.mode for name in chosen}
-    reports_dir = reports_dir or study.reports_dir
-    max_parallel = max_parallel or study.max_parallel
+    configs = {name: load_config(params_file, variant=name, overrides=child_overrides) for name in chosen}
+    modes = {name: c.credit.mode for name, c in configs.items()}
+    reports_dir = reports_dir or shared.reports_dir
+    max_parallel = max_parallel or shared.max_parallel
 
     from tpgrpo.tracking import finishing, open_tracker, run_tags
 
     flow_run_name = current_flow_run.name or "local"
-    parent_tags = {**run_tags(), "ablation.variants": ",".join(chosen), "ablation.seeds": ",".join(map(str, seed_list))}
+    parent_tags = {
+        **run_tags(),
+        "study": study_name,
+        "ablation.variants": ",".join(chosen),
+        "ablation.seeds": ",".join(map(str, seed_list)),
+    }
     if current_flow_run.id:
         parent_tags[FLOW_RUN_TAG] = str(current_flow_run.id)
     parent = open_tracker(
         cfg.tracking.uri,
         cfg.tracking.experiment,
         is_main_process=True,
-        run_name=f"ablation-{flow_run_name}",
+        run_name=f"{study_name}-{flow_run_name}",
         tags=parent_tags,
     )
     with finishing(parent):
         parent.log_params(
             {
+                "study": study_name,
                 "variants": chosen,
                 "seeds": seed_list,
-                "epochs": epochs,
-                "overrides": child_overrides,
+                "settings": settings,
                 "params_path": str(params_file),
                 "runs_dir": cfg.runs_dir,
             }
         )
-        jobs = []
+        jobs, reused = [], []
         for name in chosen:
             for seed in seed_list:
+                run = study_run_name(name, seed, settings)
+                if not restart and _finished(configs[name], seed, run):
+                    reused.append(ChildOutcome(run, name, seed, "ok", message="reused: finished with the same settings"))
+                    continue
                 jobs.append(
                     {
-                        "name": run_name(name, seed, cfg.seed),
+                        "name": run,
                         "seed": seed,
                         "parameters": {
                             "variant": name,
                             "params_path": str(params_file),
                             "overrides": child_overrides,
                             "parent_run_id": parent.run_id,
-                            # None for the params file's seed: run name, directory and flow
-                            # run name are then plain <variant>, as with `tpgrpo train`.
-                            "seed": None if seed == cfg.seed else seed,
+                            "seed": seed,
+                            "run_name": run,
                             "restart": restart,
                         },
                     }
                 )
-        logger.info("%d runs: %s x seeds %s, in %s", len(jobs), ", ".join(chosen), seed_list, cfg.runs_dir)
-        if not in_process and _train_deployment_ready(logger):
+        logger.info(
+            "study %s: %d runs to train (%s x seeds %s), %d reused, in %s",
+            study_name, len(jobs), ", ".join(chosen), seed_list, len(reused), cfg.runs_dir,
+        )
+        if not jobs:
+            outcomes = []
+        elif not in_process and _train_deployment_ready(logger):
             outcomes = _run_on_deployment(jobs, logger, max_parallel)
         else:
             outcomes = _run_in_process(jobs, logger)
         for outcome in outcomes:
             _settle_mlflow(cfg, parent.run_id, outcome)
+        outcomes = reused + outcomes
         failures = {o.name: o.message or o.status for o in outcomes if o.status != "ok"}
         report = compare_task(
+            study_name,
             cfg.runs_dir,
             chosen,
             seed_list,
-            cfg.seed,
-            cfg.ablation.reference,
+            settings,
+            spec.reference,
             modes,
             reports_dir,
             cfg.tracking.uri if parent.run_id else None,
             parent.run_id,
             failures,
+            _command(study, variants, seeds, epochs, overrides),
         )
         summary = {
+            "study": study_name,
             "parent_run_id": parent.run_id,
             "runs": [asdict(o) for o in outcomes],
             "report": report,
@@ -417,6 +446,31 @@ def ablation(
     return summary
 
 
+def _finished(cfg: ExperimentConfig, seed: int, name: str) -> bool:
+    """Whether ``<runs_dir>/<name>`` holds a finished run of exactly this configuration (its
+    metrics.json for ``train.epochs``, and the recorded configuration of that seed)."""
+    from tpgrpo.runguard import recorded_config_hash, run_config
+
+    run_dir = Path(cfg.runs_dir) / name
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    expected = run_config(cfg.model_copy(update={"seed": seed}))
+    return metrics.get("epochs") == cfg.train.epochs and recorded_config_hash(run_dir) == expected.hash
+
+
+def _command(study: str | None, variants, seeds, epochs, overrides) -> str:
+    """The deployment command that runs this study (for the report)."""
+    parts = ["prefect deployment run tpgrpo/ablation"]
+    if study is not None:
+        parts.append(f"--param study={study}")
+    for key, value in (("variants", variants), ("seeds", seeds), ("epochs", epochs), ("overrides", overrides or None)):
+        if value is not None:
+            parts.append(f"--param {key}='{json.dumps(value)}'")
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m flows.ablation``: run the ablation flow from this shell (against the Prefect
     API of prefect.toml / PREFECT_API_URL); ``--local`` trains here even if a train deployment
@@ -425,8 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=main.__doc__)
-    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="default: ablation.variants")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N", help="default: ablation.seeds")
+    parser.add_argument("--study", default=None, metavar="NAME", help="a name under studies (default: the ablation section)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="default: the study's")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N", help="default: the study's")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -435,8 +490,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local", action="store_true", help="train in this process")
     parser.add_argument("--restart", action="store_true", help="discard existing run directories")
     args = parser.parse_args(argv)
+    from tpgrpo.errors import ConfigError
+
+    try:
+        load_config(args.params).study(args.study)
+    except ConfigError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        sys.exit(2)
     require_api(parser.prog)
     state = ablation(
+        study=args.study,
         variants=args.variants,
         seeds=args.seeds,
         epochs=args.epochs,
@@ -448,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         max_parallel=args.max_parallel,
         return_state=True,
     )
-    print(f"ablation: {state.name}" + (f": {state.message}" if state.message and not state.is_completed() else ""))
+    print(f"{args.study or DEFAULT_STUDY}: {state.name}" + (f": {state.message}" if state.message and not state.is_completed() else ""))
     sys.exit(0 if state.is_completed() else 1)
 
 

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
 from tpgrpo.config import load_config
-from tpgrpo.study import run_name
+from tpgrpo.study import run_name as default_run_name
 
 FLOW_NAME = "tpgrpo-train"
 DEPLOYMENT_NAME = "train"
@@ -80,9 +80,11 @@ class TaskSteps:
 
 
 def _flow_run_name() -> str:
-    """``train-<variant>``, plus ``-seed<N>`` when a seed is given (the ablation gives one only
-    for seeds other than the params file's)."""
+    """``train-<run name>``: the given run name, else the variant plus ``-seed<N>`` when a seed
+    is given."""
     params = current_flow_run.parameters
+    if params.get("run_name"):
+        return f"train-{params['run_name']}"
     seed = params.get("seed")
     return f"train-{params.get('variant')}" + ("" if seed is None else f"-seed{seed}")
 
@@ -95,12 +97,14 @@ def train_variant(
     parent_run_id: str | None = None,
     seed: int | None = None,
     restart: bool = False,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune one variant of params.yaml with GRPO (TP-GRPO, Flow-GRPO, ...).
 
     Writes ``<runs_dir>/<run name>/`` (checkpoints, history.csv, metrics.json, final weights)
-    and logs one MLflow run, nested under ``parent_run_id`` when given. The run name is the
-    variant, or ``<variant>-seed<N>`` when ``seed`` differs from the params file's seed. The run
+    and logs one MLflow run, nested under ``parent_run_id`` when given. The run name is
+    ``run_name``, else the variant, or ``<variant>-seed<N>`` when ``seed`` differs from the params
+    file's seed. The run
     resumes from its newest checkpoint (a retried flow run continues where it stopped);
     ``restart`` discards the run directory first, on the first attempt only.
 
@@ -111,11 +115,13 @@ def train_variant(
         parent_run_id: MLflow run to nest this run under (the ablation's parent run).
         seed: overrides ``seed`` (sampling noise, LoRA init, prompt order, eval noise).
         restart: start from scratch instead of resuming.
+        run_name: the run's name and directory under ``runs_dir`` (a study names its runs by
+            variant, seed and settings).
     """
     from tpgrpo.trainer import train_variant_run
 
     base = load_config(params_path, variant=variant, overrides=list(overrides))
-    name = run_name(variant, seed, base.seed)
+    name = run_name or default_run_name(variant, seed, base.seed)
     cfg = base if seed is None else load_config(params_path, variant=variant, overrides=[*overrides, f"seed={seed}"])
     tags = {SEED_TAG: str(cfg.seed)}
     if current_flow_run.id:
@@ -145,4 +151,4 @@ def train_variant(
     }
 
 
-__all__ = ["TaskSteps", "run_name", "train_variant"]
+__all__ = ["TaskSteps", "train_variant"]

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from tpgrpo.config import ExperimentConfig, load_config, read_yaml_mapping
+from tpgrpo.config import DEFAULT_STUDY, ExperimentConfig, load_config, read_yaml_mapping
 from tpgrpo.errors import UserError
 
 
@@ -226,29 +226,35 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    """Rebuild the ablation study's report (the `ablation` section: its variants, seeds and
-    directories) from the runs already under ablation.runs_dir: study.md, study.json and plots in
-    ablation.reports_dir. The study itself runs as the Prefect deployment tpgrpo/ablation."""
-    from tpgrpo.study import build_study_report
+    """Rebuild a study's report from the runs already under ablation.runs_dir: <study>.md,
+    <study>.json and plots in ablation.reports_dir. --study NAME picks a study under `studies`
+    (default: the `ablation` section). The study itself runs as the Prefect deployment
+    tpgrpo/ablation (--param study=NAME)."""
+    from tpgrpo.study import build_study_report, study_run_name
 
     cfg = _config(args)
-    study = cfg.ablation
-    if not study.variants:
-        raise UserError(f"{args.params}: ablation.variants is empty; list the study's variants there")
+    spec = cfg.study(args.study)
+    name = args.study or DEFAULT_STUDY
+    if not spec.variants:
+        raise UserError(f"{args.params}: {name}: variants is empty; list the study's variants there")
+    settings = spec.override_list()
     modes = {
-        name: load_config(args.params, preset=args.preset, variant=name, overrides=args.overrides).credit.mode
-        for name in study.variants
+        variant: load_config(args.params, preset=args.preset, variant=variant, overrides=args.overrides).credit.mode
+        for variant in spec.variants
     }
+    command = "prefect deployment run tpgrpo/ablation" + (f" --param study={args.study}" if args.study else "")
     report = build_study_report(
-        study.runs_dir,
-        study.variants,
-        study.seeds,
-        study.reports_dir,
-        params_seed=cfg.seed,
-        reference=study.reference,
+        cfg.ablation.runs_dir,
+        spec.variants,
+        spec.seeds,
+        cfg.ablation.reports_dir,
+        name_of=lambda variant, seed: study_run_name(variant, seed, settings),
+        reference=spec.reference,
+        study=name,
         credit_modes=modes,
         tracking_uri=cfg.tracking.uri if args.parent_run_id else None,
         parent_run_id=args.parent_run_id,
+        command=command,
     )
     print(report.markdown)
     print(f"report: {report.markdown_path}")
@@ -269,7 +275,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "train": (cmd_train, "fine-tune one variant with GRPO (resumable)"),
     "evaluate": (cmd_evaluate, "evaluate the base model or a variant's trained weights"),
     "report": (cmd_report, "compare the variants' runs: table and plots"),
-    "study": (cmd_study, "rebuild the ablation study's report from its runs"),
+    "study": (cmd_study, "rebuild a study's report from its runs"),
     "check": (cmd_check, "validate params.yaml and print the resolved configuration"),
 }
 
@@ -301,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="reports", help="output directory (default: %(default)s)")
             p.add_argument("--parent-run-id", default=None, help="MLflow run to attach the report to")
         if name == "study":
+            p.add_argument("--study", default=None, metavar="NAME", help="a name under studies (default: the ablation section)")
             p.add_argument("--parent-run-id", default=None, help="MLflow run to attach the report to")
         if name == "evaluate":
             p.add_argument("--out", default=None, help="write the result as JSON (and a sample grid beside it)")

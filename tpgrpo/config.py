@@ -322,13 +322,17 @@ class EvalSection(_Section):
 
     ``reward``: what the evaluation scores, when it is not the training reward (None) — e.g.
     training on the verifiable reward's graded (``soft``) form and reporting its strict,
-    GenEval-style accuracy.
+    GenEval-style accuracy; the training reward of the same images is then reported too
+    (``eval/train_reward``). ``heldin_prompts``: how many train prompts (the first of
+    train.jsonl) are evaluated beside the test prompts (``eval/heldin_reward``): does RL improve
+    what it trains on, and how much of it transfers to the held-out colour–shape pairs?
     """
 
     every: int = Field(5, ge=1)
     num_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(2.0, ge=1.0)
     num_prompts: int | None = Field(None, ge=1, description="None = the whole test set")
+    heldin_prompts: int = Field(0, ge=0, description="the first N train prompts, also evaluated (held-in); 0 = none")
     batch_size: int = Field(32, ge=1)
     reward: RewardSection | None = None
 
@@ -350,34 +354,59 @@ class PipelineSection(_Section):
     variants: list[str] = Field(default_factory=list)
 
 
-class AblationSection(_Section):
-    """The seeded ablation study (the ``tpgrpo/ablation`` deployment, ``python -m flows.ablation``).
+class StudySection(_Section):
+    """One seeded comparison: every (variant, seed) trains with the study's settings on top of the
+    variant's own, and the report compares the variants seed by seed (:mod:`tpgrpo.study`).
 
-    Every (variant, seed) trains with ``overrides`` (dotted, as in a variant) on top of the
-    variant's own, under ``runs_dir`` as ``<variant>-seed<N>``; the study's report goes to
-    ``reports_dir`` (:mod:`tpgrpo.study`). ``reference``: the variant the report compares the
-    others with, seed by seed (paired difference, epochs to reach its final eval reward). ``max_parallel``: training runs at once when
-    they go to the ``tpgrpo-train/train`` deployment (runs in the flow's own process go one at
-    a time). Relative ``runs_dir`` / ``reports_dir`` are anchored at the params file's directory.
+    ``epochs`` and ``eval_prompts`` (None: the params file's ``train.epochs`` and
+    ``eval.num_prompts``) and then ``overrides`` (dotted, as in a variant) apply to every run.
+    ``reference``: the variant every other one is compared with (paired difference, its 95%
+    interval and detectable effect, epochs to reach the reference's final eval reward). Runs are
+    named by variant, seed and these settings (:func:`tpgrpo.study.study_run_name`), so studies
+    that share a (variant, seed, settings) share its run, trained once.
     """
 
     variants: list[str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    epochs: int | None = Field(None, ge=1)
+    eval_prompts: int | None = Field(None, ge=1)
     overrides: dict[str, Any] = Field(default_factory=dict)
     reference: str = "flow_grpo"
-    max_parallel: int = Field(1, ge=1)
-    runs_dir: str = Field("ablation/runs", min_length=1)
-    reports_dir: str = Field("ablation/reports", min_length=1)
 
     @model_validator(mode="after")
-    def _check_seeds(self) -> "AblationSection":
+    def _check_seeds(self) -> "StudySection":
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds}")
         return self
 
     def override_list(self) -> list[str]:
-        """``overrides`` as ``KEY=VALUE`` strings (JSON values, which parse back as YAML)."""
-        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
+        """Every run's settings as ``KEY=VALUE`` strings (JSON values, which parse back as YAML):
+        ``train.epochs``, ``eval.num_prompts``, then ``overrides``."""
+        settings: dict[str, Any] = {}
+        if self.epochs is not None:
+            settings["train.epochs"] = self.epochs
+        if self.eval_prompts is not None:
+            settings["eval.num_prompts"] = self.eval_prompts
+        settings |= self.overrides
+        return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+class AblationSection(StudySection):
+    """The default study (the ``tpgrpo/ablation`` deployment, ``python -m flows.ablation``), and
+    where every study's runs and reports go.
+
+    ``max_parallel``: training runs at once when they go to the ``tpgrpo-train/train`` deployment
+    (runs in the flow's own process go one at a time). ``runs_dir``: every study's runs;
+    ``reports_dir``: ``<study>.md`` / ``<study>.json`` and plots of each study. Relative paths are
+    anchored at the params file's directory.
+    """
+
+    max_parallel: int = Field(1, ge=1)
+    runs_dir: str = Field("ablation/runs", min_length=1)
+    reports_dir: str = Field("ablation/reports", min_length=1)
+
+
+DEFAULT_STUDY = "ablation"
 
 
 class ExperimentConfig(_Section):
@@ -399,6 +428,17 @@ class ExperimentConfig(_Section):
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipeline: PipelineSection = PipelineSection()
     ablation: AblationSection = AblationSection()
+    studies: dict[str, StudySection] = Field(default_factory=dict)
+
+    def study(self, name: str | None = None) -> StudySection:
+        """The study ``name`` (None or ``"ablation"``: the default study, the ``ablation``
+        section). Raises ConfigError naming the defined studies."""
+        if name is None or name == DEFAULT_STUDY:
+            return self.ablation
+        if name not in self.studies:
+            known = ", ".join([DEFAULT_STUDY, *self.studies])
+            raise ConfigError(f"study {name!r} is not defined under 'studies' (defined: {known})")
+        return self.studies[name]
 
     @model_validator(mode="after")
     def _check_accumulation(self) -> "ExperimentConfig":
@@ -582,28 +622,33 @@ def config_from_dict(
 
 
 def _check_variant_lists(cfg: ExperimentConfig, data: Mapping[str, Any]) -> None:
-    """``pipeline.variants``, ``ablation.variants`` and ``ablation.reference`` name defined
-    variants; ``ablation.overrides`` are valid on every variant of the study."""
+    """``pipeline.variants`` and every study's ``variants`` and ``reference`` name defined
+    variants; every study's settings are valid on each of its variants."""
     defined = ", ".join(cfg.variants) or "none"
-    for field, names in (("pipeline.variants", cfg.pipeline.variants), ("ablation.variants", cfg.ablation.variants)):
+    if DEFAULT_STUDY in cfg.studies:
+        raise ConfigError(f"studies.{DEFAULT_STUDY}: reserved for the default study, the '{DEFAULT_STUDY}' section")
+    lists = [("pipeline.variants", cfg.pipeline.variants)]
+    studies = [(DEFAULT_STUDY, cfg.ablation), *((f"studies.{n}", s) for n, s in cfg.studies.items())]
+    lists += [(f"{field}.variants", study.variants) for field, study in studies]
+    for field, names in lists:
         for name in names:
             if name not in cfg.variants:
                 raise ConfigError(f"{field}: {name!r} is not defined under 'variants' (defined: {defined})")
         if len(set(names)) != len(names):
             raise ConfigError(f"{field}: expected distinct names, got {names}")
-    if cfg.ablation.variants and cfg.ablation.reference not in cfg.ablation.variants:
-        raise ConfigError(
-            f"ablation.reference: expected one of ablation.variants ({', '.join(cfg.ablation.variants)}), "
-            f"got {cfg.ablation.reference!r}"
-        )
     base = {**data, "variants": {}}
-    for name in cfg.ablation.variants:
-        try:
-            ExperimentConfig.model_validate(apply_overrides(apply_overrides(base, cfg.variants[name] or {}), cfg.ablation.overrides))
-        except ConfigError as exc:
-            raise ConfigError(f"ablation.overrides: {exc}") from None
-        except ValidationError as exc:
-            raise ConfigError(f"ablation.overrides: {_first_error(exc)}") from None
+    for field, study in studies:
+        if study.variants and study.reference not in study.variants:
+            raise ConfigError(
+                f"{field}.reference: expected one of {field}.variants ({', '.join(study.variants)}), got {study.reference!r}"
+            )
+        for name in study.variants:
+            try:
+                ExperimentConfig.model_validate(apply_overrides(apply_overrides(base, cfg.variants[name] or {}), study.override_list()))
+            except ConfigError as exc:
+                raise ConfigError(f"{field}.overrides: {exc}") from None
+            except ValidationError as exc:
+                raise ConfigError(f"{field}.overrides: {_first_error(exc)}") from None
 
 
 def _resolve_ablation_dirs(cfg: ExperimentConfig, base_dir: Path) -> ExperimentConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -32,6 +32,8 @@ class EvalResult:
         scores: [n] per-prompt scores (gathered over processes, in prompt order).
         images: [m, 3, H, W] the first m <= 16 samples (for grids), on the main process.
         prompts: their prompts.
+        extra: mean score of each of ``extra_rewards`` on the same images.
+        extra_scores: [n] per-prompt scores of each of ``extra_rewards``.
     """
 
     reward: float
@@ -39,6 +41,8 @@ class EvalResult:
     scores: Tensor = field(repr=False)
     images: Tensor = field(repr=False)
     prompts: list[str] = field(repr=False)
+    extra: dict[str, float] = field(default_factory=dict)
+    extra_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
 
 @torch.no_grad()
@@ -53,6 +57,7 @@ def evaluate_prompts(
     seed: int,
     resolution: int | None = None,
     accelerator: Any | None = None,
+    extra_rewards: Mapping[str, RewardFunction] | None = None,
 ) -> EvalResult:
     """One ODE sample per prompt, scored by ``reward_fn``.
 
@@ -65,6 +70,8 @@ def evaluate_prompts(
         seed: seed of the initial noise.
         resolution: image side; None = the model's default.
         accelerator: when given, prompts are split over its processes and results gathered.
+        extra_rewards: more rewards to score the same images with (e.g. the training reward
+            beside the evaluation's), by name.
     """
     if len(prompts) == 0:
         raise ValueError("evaluate_prompts: the prompt set is empty")
@@ -84,13 +91,17 @@ def evaluate_prompts(
         height=resolution,
         width=resolution,
     )
+    extra_rewards = dict(extra_rewards or {})
     scores, details, images = [], {}, []
+    extra: dict[str, list[Tensor]] = {name: [] for name in extra_rewards}
     for start in range(0, per, batch_size):
         chunk = indices[start : start + batch_size]
         part = prompts.take(chunk)
         out_images = rollout(adapter, part.prompts, rcfg, latents=noise[chunk]).images
         out = reward_fn(out_images, part.prompts, part.metadata)
         scores.append(out.scores.float())
+        for name, fn in extra_rewards.items():
+            extra[name].append(fn(out_images, part.prompts, part.metadata).scores.float())
         for name, value in out.details.items():
             details.setdefault(name, []).append(value.float())
         if sum(len(x) for x in images) < GRID_IMAGES:
@@ -101,6 +112,7 @@ def evaluate_prompts(
         values = _gather(accelerator, torch.cat(parts))[:n]
         values = values[torch.isfinite(values)]
         means[name] = float(values.mean()) if values.numel() else math.nan
+    extra_scores = {name: _gather(accelerator, torch.cat(parts))[:n].cpu() for name, parts in extra.items()}
     grid_images = torch.cat(images)[: min(GRID_IMAGES, n)]
     return EvalResult(
         reward=float(all_scores.mean()),
@@ -108,6 +120,8 @@ def evaluate_prompts(
         scores=all_scores.cpu(),
         images=grid_images,
         prompts=prompts.prompts[: len(grid_images)],
+        extra={name: float(v.mean()) for name, v in extra_scores.items()},
+        extra_scores=extra_scores,
     )
 
 

@@ -192,7 +192,12 @@ def _number(value: Any) -> float | None:
 
 def _table(runs: list[_Run]) -> pd.DataFrame:
     constraints = sorted(
-        {k for run in runs for k in run.metrics if k.startswith("eval_") and k not in _FIXED_EVAL_KEYS}
+        {
+            k
+            for run in runs
+            for k in run.metrics
+            if k.startswith("eval_") and k not in _FIXED_EVAL_KEYS and not k.endswith("_initial")
+        }
     )
     rows = []
     for run in runs:

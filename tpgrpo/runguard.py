@@ -221,6 +221,17 @@ def write_run_config(run_dir: str | os.PathLike, rc: RunConfig) -> Path:
     return path
 
 
+def recorded_config_hash(run_dir: str | os.PathLike) -> str | None:
+    """The hash in ``run_dir/config.json`` (the configuration the run trained with); None when
+    the file is missing or unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get("hash") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def lock_path(runs_dir: str | os.PathLike, name: str) -> Path:
     """The lock file of run ``name``: ``<runs_dir>/.<name>.lock``, beside the run directory."""
     return Path(runs_dir) / f".{name}.lock"

@@ -1,43 +1,48 @@
-"""The ablation study's report: every variant over its seeds.
+"""A seeded study's report: every variant over its seeds, with intervals and power.
 
-Reads, for every (variant, seed), ``<runs_dir>/<run name>/metrics.json`` and ``history.csv``
-(as the trainer writes them; run names from :func:`run_name`) and writes to ``out_dir``:
+Reads, for every (variant, seed), the run directory the trainer wrote (``metrics.json``,
+``history.csv``, ``eval_scores/epoch_<N>.csv``) and writes to ``out_dir``, named after the study:
 
-- ``study.md``: per variant, the final eval reward (mean ± std over seeds), its gain over the base
-  model, the paired difference to the reference variant (same seeds) with a t test, the epochs
-  each seed took to reach the reference's final reward, the turning-point rate; then the paired
-  difference of every two variants, the per-seed values, and the turning-point rate at each SDE
-  step;
-- ``study.json``: the same numbers (NaN as null);
-- ``study_eval_reward.png``: eval reward against epoch, mean ± std band over seeds;
-- ``study_turning_rate_per_step.png``: turning-point rate per SDE step, mean ± std over seeds.
+- ``<study>.md``: per variant, the final eval reward, its gain over the base model and the paired
+  difference to the reference variant, each with its 95% interval; the smallest difference the
+  seeds can detect (80% power); the evaluation's noise and the seeds' noise; epochs to reach the
+  reference; held-in vs held-out prompts; the training reward of the evaluation images;
+  per-constraint gains and differences; every pair of variants; the per-seed values;
+- ``<study>.json``: the same numbers (NaN as null), with ``study``, ``seeds`` and
+  ``eval_prompts`` at the top;
+- ``<study>_eval_reward.png``: eval reward against epoch, mean ± std band over seeds;
+- ``<study>_turning_rate_per_step.png``: turning-point rate per SDE step, mean ± std over seeds.
 
 Definitions (all over the seeds whose run finished; a failed run is listed, never averaged):
 
-- final: ``eval_reward`` of metrics.json; delta: final − ``eval_reward_initial`` (the base model
-  under the same seed's evaluation noise);
-- std: the sample standard deviation (n − 1); none with one seed;
-- vs reference (and every pair a, b): the mean and std of final(a, s) − final(b, s) over the
-  seeds s both finished; t = mean / (std / √n), and "resolved" when |t| exceeds Student's two-sided 95%
-  critical value with n − 1 degrees of freedom;
+- final: ``eval_reward`` of metrics.json; gain: final − ``eval_reward_initial`` (the base model
+  under the same seed's evaluation noise), a paired difference like the others;
+- a paired difference of a and b: final(a, s) − final(b, s) over the seeds both finished, with
+  the estimate of :func:`tpgrpo.stats.paired_estimate`: mean, Student's t 95% interval
+  (n − 1 df), p value, the detectable effect at 80% power, and the split of its spread into the
+  evaluation's noise (bootstrap over the test prompts of each seed's per-prompt differences) and
+  the seeds';
 - epochs to reach: per seed, the first evaluated epoch (0 = the base model) whose eval reward is
-  at least the reference's final eval reward on the same seed (same base model evaluation, same
-  evaluation noise); none when no evaluation got there. The resolution is ``eval.every``;
+  at least the reference's final eval reward on the same seed; none when no evaluation got there;
+- held-in: the evaluation reward on ``eval.heldin_prompts`` train prompts, when the runs
+  evaluated them; train reward: the training reward of the evaluation's images;
 - turning-point rate: ``turning/rate`` and ``turning/rate_step_<k>`` of history.csv, averaged
-  over epochs, then over seeds; only for variants with ``credit.mode: turning_point`` (the others
-  assign no turning points).
+  over epochs, then over seeds; only for variants with ``credit.mode: turning_point``.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+from tpgrpo.config import DEFAULT_STUDY
 from tpgrpo.report import (
     _STEP_COLUMN,
     _atomic_write_text,
@@ -49,12 +54,33 @@ from tpgrpo.report import (
     _read_history,
     _save,
 )
+from tpgrpo.stats import PairedEstimate, bootstrap_variance, paired_estimate, seeds_for_half_width
 
-MARKDOWN_NAME = "study.md"
-JSON_NAME = "study.json"
-REWARD_PLOT_NAME = "study_eval_reward.png"
-TURNING_PLOT_NAME = "study_turning_rate_per_step.png"
 ARTIFACT_DIR = "study"
+# Per-constraint components of the verifiable reward, in the order the report lists them.
+CONSTRAINTS = ("color", "count", "shape", "position", "background")
+
+
+def study_files(out_dir: Path, study: str) -> dict[str, Path]:
+    """The files a study's report writes: markdown, json and the two plots."""
+    return {
+        "markdown": out_dir / f"{study}.md",
+        "json": out_dir / f"{study}.json",
+        "eval_reward": out_dir / f"{study}_eval_reward.png",
+        "turning_rate_per_step": out_dir / f"{study}_turning_rate_per_step.png",
+    }
+
+
+def settings_key(settings: Sequence[str]) -> str:
+    """A short hash of a study's run settings (``KEY=VALUE`` strings, in order)."""
+    return hashlib.sha256("\n".join(settings).encode()).hexdigest()[:8]
+
+
+def study_run_name(variant: str, seed: int, settings: Sequence[str]) -> str:
+    """A study run's name and directory under ``ablation.runs_dir``:
+    ``<variant>-seed<N>-<settings key>``. Studies that run a variant on a seed with the same
+    settings name the same run, so it trains once."""
+    return f"{variant}-seed{seed}-{settings_key(settings)}"
 
 
 def run_name(variant: str, seed: int | None, params_seed: int) -> str:
@@ -77,21 +103,6 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def paired_t(differences: Sequence[float]) -> tuple[float | None, bool]:
-    """The paired t statistic of ``differences`` and whether it is significant at 5% (two-sided,
-    n − 1 degrees of freedom). (None, False) with fewer than two values; an exact, nonzero
-    difference on every seed (std 0) is infinitely significant."""
-    from scipy.stats import t as student_t
-
-    mean, std = mean_std(differences)
-    if mean is None or std is None:
-        return None, False
-    if std == 0.0:
-        return (0.0, False) if mean == 0.0 else (math.copysign(math.inf, mean), True)
-    t = mean / (std / math.sqrt(len(differences)))
-    return t, abs(t) > float(student_t.ppf(0.975, len(differences) - 1))
-
-
 def epochs_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
     """The first epoch of ``curve`` (``(epoch, eval reward)``, in epoch order) whose reward is at
     least ``target``; None when none is."""
@@ -103,33 +114,37 @@ def epochs_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | 
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """``final(a, s) − final(b, s)`` over the seeds s on which both variants finished.
+    """``value(a, s) − value(b, s)`` over the seeds s on which both finished.
 
     Attributes:
-        a, b: the variants.
-        n: the seeds compared.
-        mean, std: of the differences (None without seeds; std None with one).
-        t, resolved: the paired t statistic and whether it is significant at 5% (two-sided).
+        a, b: what is compared (variant names, or a variant and its base model).
+        estimate: the :class:`~tpgrpo.stats.PairedEstimate` (interval, power, noise split).
         ahead: seeds on which ``a`` finished above ``b``.
+        differences: ``{seed: difference}``.
     """
 
     a: str
     b: str
-    n: int
-    mean: float | None
-    std: float | None
-    t: float | None
-    resolved: bool
+    estimate: PairedEstimate
     ahead: int
+    differences: dict[int, float] = field(default_factory=dict)
 
 
-def paired_difference(a: str, a_runs: Sequence["SeedRun"], b: str, b_runs: Sequence["SeedRun"]) -> PairedDifference:
-    """The :class:`PairedDifference` of ``a`` minus ``b``, matched by seed."""
-    finals = {run.seed: run.final for run in b_runs if run.ok}
-    diffs = [run.final - finals[run.seed] for run in a_runs if run.ok and run.seed in finals]
-    mean, std = mean_std(diffs)
-    t, resolved = paired_t(diffs)
-    return PairedDifference(a, b, len(diffs), mean, std, t, resolved, sum(d > 0 for d in diffs))
+def paired_difference(
+    a: str,
+    b: str,
+    pairs: Sequence[tuple[int, float, float, Sequence[float] | None]],
+) -> PairedDifference:
+    """The :class:`PairedDifference` of ``(seed, value_a, value_b, per-prompt differences or
+    None)`` rows. The evaluation's noise is split off only when every row has per-prompt
+    differences."""
+    diffs = {seed: va - vb for seed, va, vb, _ in pairs}
+    per_prompt = [p for *_, p in pairs]
+    variances = None
+    if pairs and all(p is not None and len(p) for p in per_prompt):
+        variances = [bootstrap_variance(p, seed=seed) for (seed, *_), p in zip(pairs, per_prompt)]
+    estimate = paired_estimate(list(diffs.values()), variances)
+    return PairedDifference(a, b, estimate, sum(d > 0 for d in diffs.values()), diffs)
 
 
 # --------------------------------------------------------------------------- one run
@@ -145,6 +160,10 @@ class SeedRun:
         ok: whether the run finished (metrics.json with an eval reward, and no recorded failure).
         reason: why not, else empty.
         base / final: eval reward before and after training.
+        details / details_initial: the other ``eval_*`` metrics after and before training
+            (per-constraint means, ``heldin_reward``, ``train_reward``).
+        scores / base_scores: per-prompt eval rewards of the final and the base evaluation
+            (``eval_scores/epoch_<N>.csv``); None when the run did not write them.
         curve: ``(epoch, eval reward)`` of every evaluation, epoch 0 the base model.
         turning_rate: ``turning/rate`` averaged over epochs.
         turning_per_step: ``{k: turning/rate_step_k averaged over epochs}``.
@@ -157,10 +176,27 @@ class SeedRun:
     reason: str = ""
     base: float | None = None
     final: float | None = None
+    details: dict[str, float] = field(default_factory=dict)
+    details_initial: dict[str, float] = field(default_factory=dict)
+    scores: tuple[float, ...] | None = field(default=None, repr=False)
+    base_scores: tuple[float, ...] | None = field(default=None, repr=False)
     curve: tuple[tuple[int, float], ...] = ()
     turning_rate: float | None = None
     turning_per_step: dict[int, float] = field(default_factory=dict)
     minutes: float | None = None
+
+    @property
+    def eval_prompts(self) -> int | None:
+        """How many test prompts the final evaluation scored (None when unknown)."""
+        return None if self.scores is None else len(self.scores)
+
+
+def _read_scores(path: Path) -> tuple[float, ...] | None:
+    try:
+        with path.open(newline="") as f:
+            return tuple(float(row["reward"]) for row in csv.DictReader(f))
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def read_seed_run(run_dir: Path, seed: int, failure: str | None = None) -> SeedRun:
@@ -180,6 +216,15 @@ def read_seed_run(run_dir: Path, seed: int, failure: str | None = None) -> SeedR
     if final is None:
         return SeedRun(seed, name, False, f"{path}: no eval_reward")
     base = _number(metrics.get("eval_reward_initial"))
+    details, initial = {}, {}
+    for key, value in metrics.items():
+        number = _number(value)
+        if not key.startswith("eval_") or key in ("eval_reward", "eval_reward_initial") or number is None:
+            continue
+        if key.endswith("_initial"):
+            initial[key.removeprefix("eval_").removesuffix("_initial")] = number
+        else:
+            details[key.removeprefix("eval_")] = number
     history = _read_history(run_dir / "history.csv")
     curve: list[tuple[int, float]] = [] if base is None else [(0, base)]
     turning_rate, per_step = None, {}
@@ -195,10 +240,30 @@ def read_seed_run(run_dir: Path, seed: int, failure: str | None = None) -> SeedR
             if value is not None:
                 per_step[int(match.group(1))] = value
     curve.sort(key=lambda point: point[0])
+    epochs = metrics.get("epochs")
+    scores = _read_scores(run_dir / "eval_scores" / f"epoch_{int(epochs):04d}.csv") if isinstance(epochs, int) else None
     return SeedRun(
-        seed, name, True, "", base, final, tuple(curve), turning_rate, dict(sorted(per_step.items())),
+        seed,
+        name,
+        True,
+        "",
+        base,
+        final,
+        details,
+        initial,
+        scores,
+        _read_scores(run_dir / "eval_scores" / "epoch_0000.csv"),
+        tuple(curve),
+        turning_rate,
+        dict(sorted(per_step.items())),
         _number(metrics.get("minutes")),
     )
+
+
+def _per_prompt(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> list[float] | None:
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return [x - y for x, y in zip(a, b)]
 
 
 # --------------------------------------------------------------------------- one variant
@@ -211,13 +276,15 @@ class VariantSummary:
     Attributes:
         variant: the variant's name.
         runs: every seed's :class:`SeedRun`, in seed order, failed ones included.
-        final_mean / final_std, delta_mean / delta_std: over the finished seeds.
-        vs_reference_mean / vs_reference_std: the paired difference to the reference (None for
-            the reference itself).
-        vs_reference_t / resolved: its t statistic, and whether it is significant at 5%.
-        wins: finished seeds on which the variant beat the reference, of ``paired`` compared.
+        final_mean / final_std: the final eval reward over the finished seeds.
+        gain: final − base model, paired by seed.
+        vs_reference: the paired difference to the reference (None for the reference itself,
+            and when the study has no reference).
         epochs_to_reach: ``{seed: epoch or None}`` for the seeds on which both the variant and the
             reference finished: the epoch the variant first reached the reference's final reward.
+        extra_gains: final − base of the other metrics both evaluations have (per-constraint
+            means, ``heldin_reward``, ``train_reward``), paired by seed.
+        extra_vs_reference: the same metrics' paired difference to the reference.
         turning_rate_mean: the turning-point rate, mean over seeds.
         turning_per_step_mean / turning_per_step_std: per SDE step k, over seeds.
         minutes_mean: training minutes, mean over seeds.
@@ -227,15 +294,11 @@ class VariantSummary:
     runs: tuple[SeedRun, ...]
     final_mean: float | None
     final_std: float | None
-    delta_mean: float | None
-    delta_std: float | None
-    vs_reference_mean: float | None
-    vs_reference_std: float | None
-    vs_reference_t: float | None
-    resolved: bool
-    wins: int
-    paired: int
+    gain: PairedDifference
+    vs_reference: PairedDifference | None
     epochs_to_reach: dict[int, int | None]
+    extra_gains: dict[str, PairedDifference]
+    extra_vs_reference: dict[str, PairedDifference]
     turning_rate_mean: float | None
     turning_per_step_mean: dict[int, float]
     turning_per_step_std: dict[int, float | None]
@@ -244,6 +307,22 @@ class VariantSummary:
     @property
     def ok_runs(self) -> tuple[SeedRun, ...]:
         return tuple(run for run in self.runs if run.ok)
+
+
+def _final_difference(a: str, a_runs: Sequence[SeedRun], b: str, b_runs: Sequence[SeedRun]) -> PairedDifference:
+    by_seed = {run.seed: run for run in b_runs if run.ok}
+    rows = [
+        (run.seed, run.final, by_seed[run.seed].final, _per_prompt(run.scores, by_seed[run.seed].scores))
+        for run in a_runs
+        if run.ok and run.seed in by_seed
+    ]
+    return paired_difference(a, b, rows)
+
+
+def _extra_keys(runs: Sequence[SeedRun]) -> list[str]:
+    keys = {k for run in runs if run.ok for k in run.details}
+    order = [*CONSTRAINTS, "heldin_reward", "train_reward"]
+    return [k for k in order if k in keys] + sorted(keys - set(order))
 
 
 def summarize(
@@ -267,30 +346,43 @@ def summarize(
     """
     ok = [run for run in runs if run.ok]
     final_mean, final_std = mean_std([run.final for run in ok])
-    deltas = [run.final - run.base for run in ok if run.base is not None]
-    delta_mean, delta_std = mean_std(deltas)
+    gain = paired_difference(
+        variant,
+        "base model",
+        [(r.seed, r.final, r.base, _per_prompt(r.scores, r.base_scores)) for r in ok if r.base is not None],
+    )
+    compare = reference is not None and not is_reference
     by_seed = {run.seed: run for run in reference or () if run.ok}
-    paired = [run for run in ok if run.seed in by_seed]
-    vs = paired_difference(variant, [] if is_reference else runs, "reference", reference or ())
+    vs = _final_difference(variant, runs, "reference", reference) if compare else None
+    extra_gains, extra_vs = {}, {}
+    for key in _extra_keys(runs):
+        rows = [(r.seed, r.details[key], r.details_initial[key], None) for r in ok if key in r.details and key in r.details_initial]
+        if rows:
+            extra_gains[key] = paired_difference(variant, "base model", rows)
+        if compare:
+            rows = [
+                (r.seed, r.details[key], by_seed[r.seed].details[key], None)
+                for r in ok
+                if r.seed in by_seed and key in r.details and key in by_seed[r.seed].details
+            ]
+            if rows:
+                extra_vs[key] = paired_difference(variant, "reference", rows)
     counted = ok if turning_points else []
     steps = sorted({k for run in counted for k in run.turning_per_step})
     per_step = {k: mean_std([run.turning_per_step[k] for run in counted if k in run.turning_per_step]) for k in steps}
     rates = [run.turning_rate for run in counted if run.turning_rate is not None]
     minutes = [run.minutes for run in ok if run.minutes is not None]
+    paired = [run for run in ok if run.seed in by_seed]
     return VariantSummary(
         variant=variant,
         runs=tuple(runs),
         final_mean=final_mean,
         final_std=final_std,
-        delta_mean=delta_mean,
-        delta_std=delta_std,
-        vs_reference_mean=vs.mean,
-        vs_reference_std=vs.std,
-        vs_reference_t=vs.t,
-        resolved=vs.resolved,
-        wins=vs.ahead,
-        paired=vs.n,
+        gain=gain,
+        vs_reference=vs,
         epochs_to_reach={run.seed: epochs_to_reach(run.curve, by_seed[run.seed].final) for run in paired},
+        extra_gains=extra_gains,
+        extra_vs_reference=extra_vs,
         turning_rate_mean=mean_std(rates)[0],
         turning_per_step_mean={k: v[0] for k, v in per_step.items()},
         turning_per_step_std={k: v[1] for k, v in per_step.items()},
@@ -306,17 +398,21 @@ class StudyReport:
     """What :func:`build_study_report` wrote.
 
     Attributes:
+        study: the study's name.
         summaries: one :class:`VariantSummary` per variant, in input order.
         reference: the reference variant.
         reference_mean: the reference's mean final eval reward (None if none of its seeds finished).
         pairs: the paired difference of every two variants (a listed before b: a − b).
+        eval_prompts: test prompts of the final evaluations (None when unknown or mixed).
         markdown, markdown_path, json_path, plot_paths: the files.
     """
 
+    study: str
     summaries: tuple[VariantSummary, ...]
     reference: str
     reference_mean: float | None
     pairs: tuple[PairedDifference, ...]
+    eval_prompts: int | None
     markdown: str
     markdown_path: Path
     json_path: Path
@@ -341,28 +437,32 @@ def build_study_report(
     seeds: Sequence[int],
     out_dir: str | Path,
     *,
-    params_seed: int,
+    name_of: Callable[[str, int], str],
     reference: str,
+    study: str = DEFAULT_STUDY,
     credit_modes: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     failures: Mapping[str, str] | None = None,
+    command: str | None = None,
 ) -> StudyReport:
     """Aggregate the study's runs and write the report (see the module docstring).
 
     Args:
-        runs_dir: the directory of the runs (``<variant>-seed<N>`` or ``<variant>``).
+        runs_dir: the directory of the runs.
         variants: in the order the table lists them (duplicates dropped).
         seeds: the seeds of the study.
         out_dir: where the files go (created if missing).
-        params_seed: the params file's seed (its runs are named ``<variant>``).
+        name_of: the run name (directory under ``runs_dir``) of a (variant, seed).
         reference: the variant that "vs reference" and "epochs to reach" refer to; when it is
             not among ``variants`` both are left empty.
+        study: the study's name (names the files).
         credit_modes: each variant's ``credit.mode``; turning-point rates are reported for
             ``turning_point`` variants only (a variant missing here counts as one).
         tracking_uri, parent_run_id: log the files as artifacts (``study/``) of that MLflow run,
             and each variant's mean and std of the final eval reward as its metrics.
         failures: run names known to have failed, with a reason.
+        command: the command that runs the study (quoted in the report).
 
     Returns:
         The :class:`StudyReport`. Missing or failed runs never make this raise.
@@ -371,12 +471,10 @@ def build_study_report(
     failures = dict(failures or {})
     names = list(dict.fromkeys(variants))
     seeds = list(dict.fromkeys(seeds))
-    runs = {}
-    for variant in names:
-        runs[variant] = [
-            read_seed_run(runs_dir / run_name(variant, seed, params_seed), seed, failures.get(run_name(variant, seed, params_seed)))
-            for seed in seeds
-        ]
+    runs = {
+        variant: [read_seed_run(runs_dir / name_of(variant, seed), seed, failures.get(name_of(variant, seed))) for seed in seeds]
+        for variant in names
+    }
     reference_runs = runs.get(reference)
     reference_mean = None if reference_runs is None else mean_std([r.final for r in reference_runs if r.ok])[0]
     modes = dict(credit_modes or {})
@@ -390,26 +488,33 @@ def build_study_report(
         )
         for v in names
     )
-    pairs = tuple(
-        paired_difference(a, runs[a], b, runs[b]) for i, a in enumerate(names) for b in names[i + 1 :]
+    pairs = tuple(_final_difference(a, runs[a], b, runs[b]) for i, a in enumerate(names) for b in names[i + 1 :])
+    sizes = {run.eval_prompts for rs in runs.values() for run in rs if run.ok}
+    eval_prompts = sizes.pop() if len(sizes) == 1 else None
+    files = study_files(out_dir, study)
+    markdown = _markdown(
+        study, summaries, pairs, reference if reference_runs is not None else None, seeds, runs_dir, eval_prompts, command
     )
-    markdown = _markdown(summaries, pairs, reference if reference_runs is not None else None, seeds, runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown_path, json_path = out_dir / MARKDOWN_NAME, out_dir / JSON_NAME
-    _atomic_write_text(markdown_path, markdown)
+    _atomic_write_text(files["markdown"], markdown)
     payload = {
+        "study": study,
+        "command": command,
+        "seeds": seeds,
+        "eval_prompts": eval_prompts,
         "reference": reference,
         "reference_mean": reference_mean,
-        "seeds": seeds,
-        "variants": {s.variant: asdict(s) for s in summaries},
-        "paired_differences": [asdict(p) for p in pairs],
+        "variants": {s.variant: _variant_json(s) for s in summaries},
+        "paired_differences": [_pair_json(p) for p in pairs],
     }
-    _atomic_write_text(json_path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    _atomic_write_text(files["json"], json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
     plot_paths = {
-        "study_eval_reward": _reward_plot(summaries, reference_mean, reference, out_dir / REWARD_PLOT_NAME),
-        "study_turning_rate_per_step": _turning_plot(summaries, out_dir / TURNING_PLOT_NAME),
+        f"{study}_eval_reward": _reward_plot(summaries, reference_mean, reference, files["eval_reward"]),
+        f"{study}_turning_rate_per_step": _turning_plot(summaries, files["turning_rate_per_step"]),
     }
-    report = StudyReport(summaries, reference, reference_mean, pairs, markdown, markdown_path, json_path, plot_paths)
+    report = StudyReport(
+        study, summaries, reference, reference_mean, pairs, eval_prompts, markdown, files["markdown"], files["json"], plot_paths
+    )
     if tracking_uri and parent_run_id:
         log_study_to_mlflow(report, tracking_uri, parent_run_id)
     return report
@@ -425,6 +530,15 @@ def _pm(mean: float | None, std: float | None, *, signed: bool = False, digits: 
     return text if std is None else f"{text} ± {std:.{digits}f}"
 
 
+def _ci(p: PairedDifference | None, digits: int = 3) -> str:
+    """``+0.012 [−0.003, +0.027]``; the mean alone with one seed."""
+    if p is None or p.estimate.mean is None:
+        return "n/a"
+    e = p.estimate
+    text = f"{e.mean:+.{digits}f}"
+    return text if e.ci_low is None else f"{text} [{e.ci_low:+.{digits}f}, {e.ci_high:+.{digits}f}]"
+
+
 def _epochs_cell(values: Mapping[int, int | None]) -> str:
     if not values:
         return "n/a"
@@ -433,79 +547,121 @@ def _epochs_cell(values: Mapping[int, int | None]) -> str:
     return f"{len(reached)}/{len(values)} ({listed})"
 
 
+def _power_sentence(a: str, b: str, p: PairedDifference, eval_prompts: int | None) -> str:
+    e = p.estimate
+    if e.mean is None:
+        return f"- `{a}` − `{b}`: no seed finished both."
+    if e.ci_low is None:
+        return f"- `{a}` − `{b}`: {e.mean:+.4f} from one seed; no interval."
+    verdict = "resolved: the interval excludes 0" if p.estimate.resolved else "not resolved: the interval contains 0"
+    text = (
+        f"- `{a}` − `{b}`: {e.mean:+.4f}, 95% interval [{e.ci_low:+.4f}, {e.ci_high:+.4f}] (±{e.half_width:.4f}, "
+        f"n = {e.n}, p = {e.p_value:.3g}; {verdict}); `{a}` ahead on {p.ahead}/{e.n} seeds. "
+        f"Smallest true difference these seeds detect with 80% power: {e.detectable:.4f}. "
+        f"One seed's difference varies with sd {e.std:.4f}"
+    )
+    if e.eval_std is not None:
+        prompts = f"{eval_prompts} test prompts" if eval_prompts else "the test prompts"
+        text += f": evaluation {e.eval_std:.4f} (bootstrap over {prompts}), seeds {e.seed_std:.4f}"
+    needed = seeds_for_half_width(e.std, 0.01)
+    text += f". A ±0.01 interval would take {needed} seeds at this spread." if needed else "."
+    return text
+
+
 def _markdown(
+    study: str,
     summaries: Sequence[VariantSummary],
     pairs: Sequence[PairedDifference],
     reference: str | None,
     seeds: Sequence[int],
     runs_dir: Path,
+    eval_prompts: int | None,
+    command: str | None,
 ) -> str:
     ref = reference or "(not run)"
-    lines = [
-        "# Ablation study",
+    prompts = f"{eval_prompts} held-out test prompts" if eval_prompts else "the held-out test prompts"
+    lines = [f"# Study `{study}`", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        f"Runs in `{runs_dir}/`, seeds {', '.join(map(str, seeds))}. Final: the last evaluation "
+        f"(strict eval reward on {prompts}, ODE, EMA weights), mean ± std over seeds. Gain: final − "
+        "base model on the same seed. vs `" + ref + "`: the paired difference on the same seeds. "
+        "Brackets: 95% intervals (Student's t, n − 1 df). Detectable: the smallest true difference "
+        "to the reference that these seeds detect with 80% power (two-sided, 5%). Reached: seeds on "
+        f"which the variant's eval reward got to `{ref}`'s final reward, and the first evaluated "
+        "epoch that did (0 = base model, – = never). Turning-point rate: share of (trajectory, "
+        "step) pairs, TP-GRPO credit only.",
         "",
-        f"Runs in `{runs_dir}/`, seeds {', '.join(map(str, seeds))}. Final eval reward: the last "
-        "evaluation (test prompts, ODE, EMA weights), mean ± std over seeds; delta: final − base "
-        f"model; vs `{ref}`: the paired difference on the same seeds, with Student's t (resolved: "
-        f"significant at 5%, two-sided), and the seeds on which the variant is ahead; reached: the seeds "
-        f"on which the variant's eval reward got to `{ref}`'s final reward on the same seed, and the "
-        "first evaluated epoch that did, per seed (0 = base model, – = never). Turning-point rate: "
-        "share of (trajectory, step) pairs, TP-GRPO credit only.",
-        "",
-        "| variant | seeds | final eval reward | delta | vs " + ref + " | t | resolved | ahead | reached (epoch per seed) | turning-point rate | minutes |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
+        f"| variant | seeds | final | gain over base | vs {ref} | p | detectable | ahead | reached (epoch per seed) | turning-point rate | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s in summaries:
-        is_ref = s.variant == reference
-        t = "" if is_ref or s.vs_reference_t is None else f"{s.vs_reference_t:+.2f}"
+        vs = s.vs_reference
+        e = vs.estimate if vs is not None else None
         cells = [
             f"`{s.variant}`",
             f"{len(s.ok_runs)}/{len(s.runs)}",
             _pm(s.final_mean, s.final_std),
-            _pm(s.delta_mean, s.delta_std, signed=True),
-            "(reference)" if is_ref else _pm(s.vs_reference_mean, s.vs_reference_std, signed=True),
-            t,
-            "" if is_ref or s.vs_reference_t is None else ("yes" if s.resolved else "no"),
-            "" if is_ref or not s.paired else f"{s.wins}/{s.paired}",
+            _ci(s.gain),
+            "(reference)" if s.variant == reference else _ci(vs),
+            "" if e is None or e.p_value is None else f"{e.p_value:.3g}",
+            "" if e is None or e.detectable is None else f"{e.detectable:.3f}",
+            "" if vs is None or not e.n else f"{vs.ahead}/{e.n}",
             _epochs_cell(s.epochs_to_reach),
             "n/a" if s.turning_rate_mean is None else f"{s.turning_rate_mean:.3f}",
             "n/a" if s.minutes_mean is None else f"{s.minutes_mean:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    resolved = [s for s in summaries if s.variant != reference and s.resolved]
-    unresolved = [s for s in summaries if s.variant != reference and s.vs_reference_t is not None and not s.resolved]
-    if reference is not None and (resolved or unresolved):
-        lines.append("")
-        if resolved:
-            parts = [f"`{s.variant}` ({'ahead' if s.vs_reference_mean > 0 else 'behind'})" for s in resolved]
-            lines.append(f"Resolved against `{reference}` at 5%: {', '.join(parts)}.")
-        else:
-            lines.append(f"No variant differs from `{reference}` significantly at 5% with these seeds.")
-        if unresolved:
-            lines.append(f"Within seed noise: {', '.join(f'`{s.variant}`' for s in unresolved)}.")
+
+    compared = [s for s in summaries if s.vs_reference is not None]
+    if compared:
+        lines += ["", f"Against `{ref}`, with the power of this study:", ""]
+        lines += [_power_sentence(s.variant, ref, s.vs_reference, eval_prompts) for s in compared]
+
+    extra = [k for k in ("heldin_reward", "train_reward") if any(k in s.extra_gains for s in summaries)]
+    if extra:
+        labels = {"heldin_reward": "held-in (train prompts)", "train_reward": "training reward of the eval images"}
+        lines += [
+            "",
+            "Gain over the base model where it is measured: held-out test prompts (the eval reward), "
+            "held-in train prompts (same reward, prompts RL trained on) and the training reward "
+            "(graded) of the test images:",
+            "",
+            "| variant | held-out | " + " | ".join(labels[k] for k in extra) + " |",
+            "|---|---:|" + "---:|" * len(extra),
+        ]
+        for s in summaries:
+            lines.append(f"| `{s.variant}` | {_ci(s.gain)} | " + " | ".join(_ci(s.extra_gains.get(k)) for k in extra) + " |")
+
+    constraints = [c for c in CONSTRAINTS if any(c in s.extra_gains for s in summaries)]
+    if constraints:
+        lines += [
+            "",
+            "Per constraint (share of prompts whose constraint holds): gain over the base model, and "
+            f"the paired difference to `{ref}`:",
+            "",
+            "| variant | " + " | ".join(f"{c} gain" for c in constraints) + " | " + " | ".join(f"{c} vs {ref}" for c in constraints) + " |",
+            "|---|" + "---:|" * (2 * len(constraints)),
+        ]
+        for s in summaries:
+            gains = [_ci(s.extra_gains.get(c)) for c in constraints]
+            diffs = ["" if s.variant == reference else _ci(s.extra_vs_reference.get(c)) for c in constraints]
+            lines.append(f"| `{s.variant}` | " + " | ".join(gains + diffs) + " |")
 
     if len(summaries) > 2:
         names = [s.variant for s in summaries]
         by_pair = {(p.a, p.b): p for p in pairs}
         lines += [
             "",
-            "Paired differences of the final eval reward, row − column, mean over the seeds both "
-            "finished (t; * = significant at 5%):",
+            "Paired differences of the final eval reward, row − column, over the seeds both finished "
+            "[95% interval]:",
             "",
             "| | " + " | ".join(f"`{n}`" for n in names[1:]) + " |",
             "|---|" + "---:|" * (len(names) - 1),
         ]
         for i, row in enumerate(names[:-1]):
-            cells = []
-            for j, column in enumerate(names[1:], start=1):
-                p = by_pair.get((row, column))
-                if j <= i:
-                    cells.append("")
-                elif p is None or p.mean is None:
-                    cells.append("n/a")
-                else:
-                    t = "" if p.t is None else f" ({p.t:+.2f}{'*' if p.resolved else ''})"
-                    cells.append(f"{p.mean:+.3f}{t}")
+            cells = ["" if j <= i else _ci(by_pair.get((row, column))) for j, column in enumerate(names[1:], start=1)]
             lines.append(f"| `{row}` | " + " | ".join(cells) + " |")
 
     lines += ["", "Final eval reward per seed:", ""]
@@ -532,25 +688,53 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
+def _pair_json(p: PairedDifference) -> dict[str, Any]:
+    return {"a": p.a, "b": p.b, **asdict(p.estimate), "resolved": p.estimate.resolved, "ahead": p.ahead, "differences": p.differences}
+
+
+def _variant_json(s: VariantSummary) -> dict[str, Any]:
+    return {
+        "final_mean": s.final_mean,
+        "final_std": s.final_std,
+        "gain": _pair_json(s.gain),
+        "vs_reference": None if s.vs_reference is None else _pair_json(s.vs_reference),
+        "epochs_to_reach": s.epochs_to_reach,
+        "gains": {k: _pair_json(v) for k, v in s.extra_gains.items()},
+        "vs_reference_by_metric": {k: _pair_json(v) for k, v in s.extra_vs_reference.items()},
+        "turning_rate_mean": s.turning_rate_mean,
+        "turning_per_step_mean": s.turning_per_step_mean,
+        "turning_per_step_std": s.turning_per_step_std,
+        "minutes_mean": s.minutes_mean,
+        "runs": [
+            {k: v for k, v in asdict(run).items() if k not in ("scores", "base_scores")} | {"eval_prompts": run.eval_prompts}
+            for run in s.runs
+        ],
+    }
+
+
 def _record(s: VariantSummary) -> dict[str, Any]:
+    vs = s.vs_reference.estimate if s.vs_reference is not None else None
     return _json_safe(
         {
             "variant": s.variant,
             "seeds_ok": len(s.ok_runs),
             "seeds": len(s.runs),
-            "final_mean": s.final_mean,
-            "final_std": s.final_std,
-            "delta_mean": s.delta_mean,
-            "delta_std": s.delta_std,
-            "vs_reference_mean": s.vs_reference_mean,
-            "vs_reference_std": s.vs_reference_std,
-            "vs_reference_t": s.vs_reference_t,
-            "resolved": s.resolved,
+            "final_mean": _round(s.final_mean),
+            "final_std": _round(s.final_std),
+            "gain": _round(s.gain.estimate.mean),
+            "gain_ci": _ci(s.gain),
+            "vs_reference": _round(vs.mean if vs else None),
+            "vs_reference_ci": _ci(s.vs_reference) if vs else "",
+            "detectable": _round(vs.detectable if vs else None),
             "epochs_to_reach": ", ".join("-" if v is None else str(v) for v in s.epochs_to_reach.values()),
-            "turning_rate": s.turning_rate_mean,
-            "minutes": s.minutes_mean,
+            "turning_rate": _round(s.turning_rate_mean),
+            "minutes": _round(s.minutes_mean, 2),
         }
     )
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _json_safe(node: Any) -> Any:
@@ -656,18 +840,20 @@ def log_study_to_mlflow(report: StudyReport, tracking_uri: str, run_id: str) -> 
 
 
 __all__ = [
+    "PairedDifference",
     "SeedRun",
     "StudyReport",
     "VariantSummary",
-    "PairedDifference",
     "build_study_report",
     "epochs_to_reach",
     "log_study_to_mlflow",
     "mean_curve",
     "mean_std",
     "paired_difference",
-    "paired_t",
     "read_seed_run",
     "run_name",
+    "settings_key",
+    "study_files",
+    "study_run_name",
     "summarize",
 ]

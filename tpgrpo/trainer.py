@@ -110,6 +110,22 @@ class UpdateStats:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class EpochEval:
+    """One evaluation of the run's (EMA) weights.
+
+    Attributes:
+        reward: mean evaluation reward on the test prompts.
+        details: everything else logged as ``eval/<name>``: the reward's per-constraint means,
+            ``train_reward`` (the training reward of the same images, when the evaluation's
+            differs) and ``heldin_reward`` (the evaluation reward on ``eval.heldin_prompts``
+            train prompts, when > 0).
+    """
+
+    reward: float
+    details: dict[str, float]
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -119,6 +135,7 @@ class TrainResult:
     eval_details: dict[str, float]
     minutes: float
     history: list[dict[str, float]] = field(repr=False)
+    eval_details_initial: dict[str, float] = field(default_factory=dict)
 
 
 StepRunner = Callable[[str, int, Callable[[], Any]], Any]
@@ -223,6 +240,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.eval_initial: float | None = None
+        self.eval_initial_details: dict[str, float] = {}
         self.minutes_before = 0.0
         if resume:
             self._resume()
@@ -556,27 +574,43 @@ class Trainer:
         with self.ema.swapped_in() if self.ema is not None else nullcontext():
             yield
 
-    def evaluate(self, epoch: int) -> EvalResult:
-        """ODE samples of the test prompts with the EMA weights; mean reward and per-constraint."""
+    def evaluate(self, epoch: int) -> EpochEval:
+        """ODE samples of the test prompts (and ``eval.heldin_prompts`` train prompts) with the
+        EMA weights: mean reward, per-constraint means, the training reward of the same images.
+        The test prompts' per-prompt scores go to ``eval_scores/epoch_<N>.csv`` (the study's
+        bootstrap over prompts reads them)."""
         e = self.cfg.eval
         test = self.test_set if e.num_prompts is None else self.test_set.take(list(range(min(e.num_prompts, len(self.test_set)))))
+        extra = {} if self.eval_reward_fn is self.reward_fn else {"train_reward": self.reward_fn}
         self.transformer.eval()
         with self.ema_weights():
-            result = evaluate_prompts(
-                self.adapter,
-                test,
-                self.eval_reward_fn,
-                num_steps=e.num_steps,
-                guidance_scale=e.guidance_scale,
-                batch_size=e.batch_size,
-                seed=self.cfg.seed,
-                resolution=self.cfg.model.resolution,
-                accelerator=self.acc,
-            )
+            result = self._evaluate_set(test, extra)
+            heldin = None
+            if e.heldin_prompts:
+                heldin = self._evaluate_set(self.train_set.take(list(range(min(e.heldin_prompts, len(self.train_set))))), {})
+        details = {**result.details, **result.extra}
+        if heldin is not None:
+            details["heldin_reward"] = heldin.reward
         if self.is_main:
             grid = save_grid(result, self.run_dir / "samples" / f"epoch_{epoch:04d}.png")
             self.tracker.log_artifact(grid, "samples")
-        return result
+            _atomic_write(self.run_dir / "eval_scores" / f"epoch_{epoch:04d}.csv", _scores_csv(test, result))
+        return EpochEval(result.reward, details)
+
+    def _evaluate_set(self, prompts: PromptSet, extra: dict[str, Any]) -> EvalResult:
+        e = self.cfg.eval
+        return evaluate_prompts(
+            self.adapter,
+            prompts,
+            self.eval_reward_fn,
+            num_steps=e.num_steps,
+            guidance_scale=e.guidance_scale,
+            batch_size=e.batch_size,
+            seed=self.cfg.seed,
+            resolution=self.cfg.model.resolution,
+            accelerator=self.acc,
+            extra_rewards=extra,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -594,9 +628,10 @@ class Trainer:
             write_run_config(self.run_dir, self.run_config)
         self.tracker.log_params({**self.cfg.flat(), "variant": self.variant})
         if self.epoch == 0 and self.eval_initial is None:
-            self.eval_initial = run_step("evaluate", 0, lambda: self.evaluate(0)).reward
-            self.tracker.log_metrics({"eval/reward": self.eval_initial}, step=0)
-        last_eval: EvalResult | None = None
+            first = run_step("evaluate", 0, lambda: self.evaluate(0))
+            self.eval_initial, self.eval_initial_details = first.reward, dict(first.details)
+            self.tracker.log_metrics({"eval/reward": first.reward, **{f"eval/{k}": v for k, v in first.details.items()}}, step=0)
+        last_eval: EpochEval | None = None
         while self.epoch < t.epochs:
             epoch = self.epoch + 1
             samples = run_step("rollout", epoch, lambda: self.rollout(epoch - 1))
@@ -631,6 +666,7 @@ class Trainer:
             eval_details=last_eval.details,
             minutes=minutes,
             history=self.history,
+            eval_details_initial=self.eval_initial_details,
         )
         run_step("finalize", self.epoch, lambda: self.write_outputs(result))
         self.executor.shutdown()
@@ -677,6 +713,7 @@ class Trainer:
                     "num_processes": self.acc.num_processes,
                     "minutes": minutes,
                     "eval_initial": self.eval_initial,
+                    "eval_initial_details": self.eval_initial_details,
                     "optimizer_steps": self.optimizer_steps,
                     "config": self.run_config.fields,
                     "config_hash": self.run_config.hash,
@@ -717,6 +754,7 @@ class Trainer:
         self.epoch = ckpt.epoch
         self.history = list(ckpt.meta.get("history", []))
         self.eval_initial = ckpt.meta.get("eval_initial")
+        self.eval_initial_details = dict(ckpt.meta.get("eval_initial_details", {}))
         self.minutes_before = float(ckpt.meta.get("minutes", 0.0))
         self.optimizer_steps = int(ckpt.meta.get("optimizer_steps", 0))
         self.nonfinite_streak = int(ckpt.meta.get("nonfinite_streak", 0))
@@ -735,6 +773,7 @@ class Trainer:
             "epochs": result.epochs,
             "minutes": round(result.minutes, 3),
             **{f"eval_{k}": v for k, v in result.eval_details.items()},
+            **{f"eval_{k}_initial": v for k, v in result.eval_details_initial.items()},
         }
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         final = self.save_final_weights(self.run_dir / "final")
@@ -955,3 +994,16 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _scores_csv(prompts: PromptSet, result: EvalResult) -> str:
+    """One row per evaluated prompt: its index in the prompt file, the prompt, its score (and
+    the extra rewards' scores), in prompt order."""
+    names = list(result.extra_scores)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "prompt", "reward", *names])
+    for i, prompt in enumerate(prompts.prompts):
+        extra = [f"{float(result.extra_scores[n][i]):.9g}" for n in names]
+        writer.writerow([i, prompt, f"{float(result.scores[i]):.9g}", *extra])
+    return buffer.getvalue()
