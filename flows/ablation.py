@@ -50,8 +50,9 @@ from tpgrpo.study import study_run_name
 
 TRAIN_DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 ABLATION_FLOW_NAME = "tpgrpo"
-TABLE_ARTIFACT_KEY = "tpgrpo-ablation"
-MARKDOWN_ARTIFACT_KEY = "tpgrpo-ablation-report"
+# Prefect artifact keys of a study's report: <prefix>-<study> (underscores as dashes).
+TABLE_ARTIFACT_KEY = "tpgrpo-study"
+MARKDOWN_ARTIFACT_KEY = "tpgrpo-study-report"
 POLL_SECONDS = 5.0
 
 
@@ -490,12 +491,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local", action="store_true", help="train in this process")
     parser.add_argument("--restart", action="store_true", help="discard existing run directories")
     args = parser.parse_args(argv)
+    from tpgrpo.config import read_yaml_mapping
     from tpgrpo.errors import ConfigError
 
+    # The study's name is checked before anything else; the rest of the file when the flow loads it.
     try:
-        load_config(args.params).study(args.study)
+        defined = list(read_yaml_mapping(args.params, "params").get("studies") or {})
     except ConfigError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.study not in (None, DEFAULT_STUDY, *defined):
+        known = ", ".join([DEFAULT_STUDY, *defined])
+        print(f"{parser.prog}: study {args.study!r} is not defined under 'studies' (defined: {known})", file=sys.stderr)
         sys.exit(2)
     require_api(parser.prog)
     state = ablation(

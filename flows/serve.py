@@ -31,7 +31,7 @@ def build_deployments(train_concurrency: int | None = None) -> list:
     return [
         ablation.to_deployment(
             name=ABLATION_DEPLOYMENT,
-            description="The ablation study of params.yaml's `ablation` section: every (variant, seed) as a child run, then the comparison over seeds.",
+            description="A seeded study of params.yaml (study=NAME under `studies`, default the `ablation` section): every (variant, seed) as a child run, then the comparison over seeds with 95% intervals and power.",
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
         train_variant.to_deployment(

@@ -362,3 +362,15 @@ def test_prefect_api_unreachable(ws: Path, tmp_path: Path, module: str) -> None:
     assert lines[0].endswith("expected a running server: `prefect server start`, or point PREFECT_API_URL at one")
     assert proc.stdout == ""
     assert _snapshot(ws / "runs") == before and not (tmp_path / "reports").exists()
+
+
+def test_unknown_study_name_is_one_line(ws: Path, tmp_path: Path) -> None:
+    """Refused before the Prefect API is even asked (none runs here)."""
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{_closed_port()}/api", "PREFECT_HOME": str(tmp_path / "ph")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.ablation", "--params", str(ws / "params.yaml"), "--study", "headlines"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["python -m flows.ablation: study 'headlines' is not defined under 'studies' (defined: ablation, headline, options, paper_hparams, published)"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,10 +159,59 @@ def test_study_sections_of_the_shipped_params(tmp_path: Path) -> None:
     moved.write_text((ROOT / "params.yaml").read_text())
     assert load_config(moved).ablation.reports_dir == str(tmp_path / "elsewhere" / "ablation" / "reports")
     # The overrides reach a run as KEY=VALUE strings that parse back to the same values.
-    assert study.override_list() == ["eval.every=2", "train.num_threads=1"]
+    assert study.override_list() == ["eval.every=2", "train.num_threads=1"]  # no epochs or eval_prompts of its own
     run = load_config(ROOT / "params.yaml", variant="tp_grpo", overrides=study.override_list())
     assert run.eval.every == 2 and run.train.num_threads == 1
-    assert not any(k.startswith(("pipeline", "ablation")) for k in cfg.flat())
+    assert not any(k.startswith(("pipeline", "ablation", "studies")) for k in cfg.flat())
+
+
+def test_named_studies_of_the_shipped_params() -> None:
+    """The studies the README reports: their sizes, seeds never the tuning seed, the published
+    optimisation of paper_hparams, and shared runs between headline and options."""
+    cfg = load_config(ROOT / "params.yaml")
+    headline = cfg.study("headline")
+    assert headline.variants == ["flow_grpo", "tp_grpo"] and headline.reference == "flow_grpo"
+    assert len(headline.seeds) >= 12 and headline.eval_prompts >= 1024 and cfg.data.num_test >= headline.eval_prompts
+    options, published, paper = cfg.study("options"), cfg.study("published"), cfg.study("paper_hparams")
+    assert options.reference == "tp_grpo" and set(options.variants) == {
+        "tp_grpo", "tp_grpo_no_consistent", "tp_grpo_no_first_step", "tp_grpo_no_balance"
+    }
+    assert set(published.variants) == {"flow_grpo", "tp_grpo", "tp_grpo_published"}
+    for study in (options, published, paper):
+        assert len(study.seeds) >= 6 and set(study.seeds) <= set(headline.seeds)
+    for study in (headline, options, published, paper, cfg.ablation):
+        assert cfg.seed not in study.seeds
+    # options and published run tp_grpo exactly as the headline does: one run per seed.
+    assert options.override_list() == headline.override_list() == published.override_list()
+    run = load_config(ROOT / "params.yaml", variant="flow_grpo", overrides=paper.override_list())
+    assert run.sample.group_size == 24 and run.advantage.global_std is False
+    assert run.train.clip_range == 1e-5 and run.train.kl_beta == 1e-4
+    assert run.sample.batches_per_epoch // run.train.gradient_accumulation == 2  # optimizer steps per epoch
+    assert cfg.study(None) is cfg.study("ablation") is cfg.ablation
+
+
+def test_named_study_errors_are_one_line(tmp_path: Path) -> None:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def load(studies):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({**base, "studies": studies}))
+        return load_config(path)
+
+    with pytest.raises(ConfigError, match=r"study 'nope' is not defined under 'studies' \(defined: ablation, mine\)$"):
+        load({"mine": {"variants": ["tp_grpo"], "reference": "tp_grpo"}}).study("nope")
+    cases = {
+        "studies.mine.variants: 'tp-grpo' is not defined under 'variants'": {"mine": {"variants": ["tp-grpo"]}},
+        "studies.mine.reference: expected one of studies.mine.variants": {"mine": {"variants": ["tp_grpo"]}},
+        "studies.mine.overrides: override 'train.nope'": {"mine": {"variants": ["flow_grpo"], "overrides": {"train.nope": 1}}},
+        "studies.mine.eval_prompts": {"mine": {"variants": ["flow_grpo"], "eval_prompts": 0}},
+        "studies.mine.seeds: expected distinct seeds": {"mine": {"variants": ["flow_grpo"], "seeds": [1, 1]}},
+        "studies.ablation: reserved for the default study": {"ablation": {"variants": ["flow_grpo"]}},
+    }
+    for message, studies in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            load(studies)
+        assert "\n" not in str(info.value)
 
 
 def test_unknown_variant(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import tiny_workspace  # noqa: E402
+from tpgrpo.study import study_run_name  # noqa: E402
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
@@ -58,7 +59,11 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
     from mlflow import MlflowClient
 
-    params = yaml.safe_load(tiny_workspace(tmp_path, tiny_pipe).read_text())
+    path = tiny_workspace(tmp_path, tiny_pipe)
+    params = yaml.safe_load(path.read_text())
+    # A named study, run by name as a user runs the headline: `--param study=pair`.
+    params["studies"] = {"pair": {"variants": ["flow_grpo", "tp_grpo"], "seeds": [1, 2], "epochs": 1}}
+    path.write_text(yaml.safe_dump(params))
 
     api = f"http://127.0.0.1:{_free_port()}/api"
     env = {
@@ -91,9 +96,7 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
             [
                 PREFECT, "deployment", "run", "tpgrpo/ablation",
                 "--param", f"params_path={tmp_path / 'params.yaml'}",
-                "--param", 'variants=["flow_grpo", "tp_grpo"]',
-                "--param", "seeds=[1, 2]",
-                "--param", "epochs=1",
+                "--param", "study=pair",
                 "--watch",
             ],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -109,7 +112,7 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
     experiment = client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id
     runs = client.search_runs([experiment])
     children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    names = {f"{v}-seed{s}" for v in ("flow_grpo", "tp_grpo") for s in (1, 2)}
+    names = {study_run_name(v, s, ["train.epochs=1"]) for v in ("flow_grpo", "tp_grpo") for s in (1, 2)}
     assert set(children) == names
     assert all(r.info.status == "FINISHED" for r in children.values())
     (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in children.values()}
@@ -119,9 +122,9 @@ def test_deployment_run_ablation_end_to_end(tmp_path: Path, tiny_pipe) -> None:
     assert params["ablation"]["max_parallel"] == 2
     # Beside the run directories: each run's lock (.<name>.lock), hidden.
     assert {p.name for p in (tmp_path / "ablation" / "runs").iterdir() if not p.name.startswith(".")} == names
-    study = (tmp_path / "ablation" / "reports" / "study.md").read_text()
+    study = (tmp_path / "ablation" / "reports" / "pair.md").read_text()
     assert "| `flow_grpo` | 2/2 |" in study and "| `tp_grpo` | 2/2 |" in study
-    assert "| tp_grpo-seed2 | ok |" in (tmp_path / "ablation" / "reports" / "ablation.md").read_text()
+    assert json.loads((tmp_path / "ablation" / "reports" / "pair.json").read_text())["study"] == "pair"
     assert len(intervals) == 4
     most = max(sum(start <= t < end for start, end in intervals) for t, _ in intervals)
     assert most <= 2, intervals

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from flows.ablation import AblationError, ablation, resolve_variants
-from flows.training import FLOW_RUN_TAG, run_name
+from flows.training import FLOW_RUN_TAG
 from tpgrpo.config import load_config
+from tpgrpo.study import run_name, study_run_name
 from tpgrpo.rewards import register_reward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,8 @@ def test_ablation_form_validates_parameters() -> None:
     assert {"items": {"type": "integer"}, "minItems": 1, "type": "array"} in schema["seeds"]["anyOf"]
     assert {"minimum": 1, "type": "integer"} in schema["epochs"]["anyOf"]
     assert {"minimum": 1, "type": "integer"} in schema["max_parallel"]["anyOf"]
-    assert "null = ablation.variants" in schema["variants"]["description"]
+    assert "null = the study's" in schema["variants"]["description"]
+    assert "null = the default study" in schema["study"]["description"]
 
 
 def test_failed_children_always_end_failed_under_the_parent(tmp_path: Path) -> None:
@@ -203,6 +205,8 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     params = _workspace(tmp_path, assets)
+    settings = [*load_config(params).ablation.override_list(), "train.epochs=2"]
+    names = {v: study_run_name(v, 42, settings) for v in ("flow_grpo", "tp_grpo")}
     reports = tmp_path / "reports"
     state = ablation(
         variants=["flow_grpo", "tp_grpo"],
@@ -222,7 +226,8 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[FLOW_RUN_TAG] == parent_flow_run_id
     children = _children(client, experiment_id, parent.info.run_id)
-    assert set(children) == {"flow_grpo", "tp_grpo"}
+    assert set(children) == set(names.values())
+    children = {v: children[names[v]] for v in names}
     assert all(run.info.status == "FINISHED" for run in children.values())
     assert children["flow_grpo"].data.params["credit.mode"] == "outcome"
     assert children["tp_grpo"].data.tags["variant"] == "tp_grpo"
@@ -234,7 +239,7 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     expected -= {"evaluate-epoch-1"}
     for name, run in children.items():
         flow_run = _flow_run(run.data.tags[FLOW_RUN_TAG])
-        assert flow_run.name == f"train-{name}" and flow_run.state.is_completed()
+        assert flow_run.name == f"train-{names[name]}" and flow_run.state.is_completed()
         assert flow_run.parent_task_run_id is not None  # linked to the ablation as a subflow
         with get_client(sync_client=True) as prefect:
             assert str(prefect.read_task_run(flow_run.parent_task_run_id).flow_run_id) == parent_flow_run_id
@@ -247,30 +252,38 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
 
     # The comparison: files, Prefect artifacts of the ablation run, parent MLflow artifacts.
     text = (reports / "ablation.md").read_text()
-    assert "| flow_grpo | ok |" in text and "| tp_grpo | ok |" in text
-    assert json.loads((reports / "ablation.json").read_text())["tp_grpo"]["epochs"] == 2
-    assert (reports / "reward_vs_epoch.png").stat().st_size > 10_000
+    assert "| `flow_grpo` | 1/1 |" in text and "| `tp_grpo` | 1/1 |" in text
+    data = json.loads((reports / "ablation.json").read_text())
+    assert data["study"] == "ablation" and data["seeds"] == [42] and data["eval_prompts"] == 4
+    assert (reports / "ablation_eval_reward.png").stat().st_size > 10_000
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_flow_run_id]))
         )
     by_key = {a.key: a for a in artifacts}
-    table = by_key["tpgrpo-ablation"].data
+    table = by_key["tpgrpo-study-ablation"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [row["variant"] for row in table] == ["flow_grpo", "tp_grpo"]
-    metrics = json.loads((tmp_path / "runs" / "tp_grpo" / "metrics.json").read_text())
-    assert table[1]["final_mean"] == pytest.approx(metrics["eval_reward"]) and table[1]["seeds_ok"] == 1
-    markdown = by_key["tpgrpo-ablation-report"].data
-    assert "| tp_grpo | ok |" in markdown and "| `tp_grpo` | 1/1 |" in markdown
-    study = (reports / "study.md").read_text()
-    assert "| `flow_grpo` | 1/1 |" in study and "| `tp_grpo` | 1/1 |" in study
-    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "reports")) == [
-        "reports/ablation.json",
-        "reports/ablation.md",
-        "reports/reward_vs_epoch.png",
-        "reports/turning_rate_per_step.png",
+    metrics = json.loads((tmp_path / "runs" / names["tp_grpo"] / "metrics.json").read_text())
+    assert table[1]["final_mean"] == pytest.approx(metrics["eval_reward"], abs=1e-4) and table[1]["seeds_ok"] == 1
+    assert "| `tp_grpo` | 1/1 |" in by_key["tpgrpo-study-report-ablation"].data
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "study")) == [
+        "study/ablation.json",
+        "study/ablation.md",
+        "study/ablation_eval_reward.png",
+        "study/ablation_turning_rate_per_step.png",
     ]
-    assert len(client.list_artifacts(parent.info.run_id, "study")) == 4
+
+    # A named study with the same settings reuses the finished run instead of training it again.
+    raw = yaml.safe_load(params.read_text())
+    raw["studies"] = {"pair": {"variants": ["tp_grpo"], "seeds": [42], "epochs": 2, "overrides": dict(raw["ablation"]["overrides"])}}
+    params.write_text(yaml.safe_dump(raw))
+    before = (tmp_path / "runs" / names["tp_grpo"] / "metrics.json").stat().st_mtime_ns
+    again = ablation(study="pair", params_path=str(params), in_process=True)
+    assert [(r["name"], r["status"]) for r in again["runs"]] == [(names["tp_grpo"], "ok")]
+    assert again["runs"][0]["message"].startswith("reused")
+    assert (tmp_path / "runs" / names["tp_grpo"] / "metrics.json").stat().st_mtime_ns == before
+    assert "| `tp_grpo` | 1/1 |" in (reports / "pair.md").read_text()
 
     # The task loop trains exactly what Trainer.fit trains.
     from tpgrpo.trainer import Trainer
@@ -278,7 +291,7 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     study = load_config(params).ablation.override_list()
     cfg = load_config(params, variant="tp_grpo", overrides=[*study, "train.epochs=2", f"runs_dir={tmp_path / 'fit'}"])
     Trainer(cfg, variant="tp_grpo").fit()
-    flow_dir, fit_dir = tmp_path / "runs" / "tp_grpo", tmp_path / "fit" / "tp_grpo"
+    flow_dir, fit_dir = tmp_path / "runs" / names["tp_grpo"], tmp_path / "fit" / "tp_grpo"
     import pandas as pd
 
     pd.testing.assert_frame_equal(_frame(flow_dir / "history.csv"), _frame(fit_dir / "history.csv"))
@@ -305,36 +318,40 @@ def test_failing_variant_is_isolated_and_score_retries(prefect_api, assets: Path
     assert state.is_failed()
     with pytest.raises(AblationError):
         state.result()
+    settings = load_config(params).ablation.override_list()
+    names = {(v, seed): study_run_name(v, seed, settings) for v in ("broken", "flaky") for seed in (42, 7)}
     # The scorer's error, wrapped in the RewardError naming epoch and batch when it fails in scoring.
-    assert re.search(r"2 of 4 runs failed: broken: .*RuntimeError: broken reward: always fails.*; broken-seed7: ", state.message)
+    assert re.search(
+        rf"2 of 4 runs failed: {names['broken', 42]}: .*RuntimeError: broken reward: always fails.*; {names['broken', 7]}: ",
+        state.message,
+    )
 
     client, experiment_id = _mlflow(tmp_path)
     (parent,) = client.search_runs([experiment_id], filter_string=f"tags.{FLOW_RUN_TAG} = '{state.state_details.flow_run_id}'")
-    assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken,broken-seed7"
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failed_variants"] == f"{names['broken', 42]},{names['broken', 7]}"
     children = _children(client, experiment_id, parent.info.run_id)
     assert {name: run.info.status for name, run in children.items()} == {
-        "broken": "FAILED",
-        "broken-seed7": "FAILED",
-        "flaky": "FINISHED",
-        "flaky-seed7": "FINISHED",
+        names["broken", 42]: "FAILED",
+        names["broken", 7]: "FAILED",
+        names["flaky", 42]: "FINISHED",
+        names["flaky", 7]: "FINISHED",
     }
-    assert children["flaky-seed7"].data.tags["seed"] == "7" and children["flaky"].data.tags["seed"] == "42"
-    assert (tmp_path / "runs" / "flaky-seed7" / "metrics.json").is_file()
+    assert children[names["flaky", 7]].data.tags["seed"] == "7" and children[names["flaky", 42]].data.tags["seed"] == "42"
+    assert (tmp_path / "runs" / names["flaky", 7] / "metrics.json").is_file()
 
-    broken = _flow_run(children["broken"].data.tags[FLOW_RUN_TAG])
+    broken = _flow_run(children[names["broken", 42]].data.tags[FLOW_RUN_TAG])
     assert broken.state.is_failed() and "broken reward" in broken.state.message
-    for name in ("flaky", "flaky-seed7"):
+    for seed in (42, 7):
+        name = names["flaky", seed]
         flaky = _flow_run(children[name].data.tags[FLOW_RUN_TAG])
         assert flaky.name == f"train-{name}" and flaky.state.is_completed()
         task_runs = _task_run_names(str(flaky.id), {"score-epoch-1", "finalize"})
         assert task_runs["score-epoch-1"].state.is_completed() and task_runs["score-epoch-1"].run_count == 2
 
-    text = (reports / "ablation.md").read_text()
-    assert "| flaky | ok |" in text and "| flaky-seed7 | ok |" in text and "| broken | failed |" in text
-    assert re.search(r"- `broken`: .*RuntimeError: broken reward: always fails", text)
-    study = (reports / "study.md").read_text()
+    study = (reports / "ablation.md").read_text()
     assert "| `broken` | 0/2 | n/a |" in study and "| `flaky` | 2/2 |" in study
-    assert re.search(r"- `broken-seed7`: .*broken reward: always fails", study)
+    assert re.search(rf"- `{names['broken', 7]}`: .*broken reward: always fails", study)
 
 
 @pytest.mark.slow

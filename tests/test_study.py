@@ -60,6 +60,9 @@ def test_run_names() -> None:
     assert a.startswith("tp_grpo-seed3-") and len(settings_key([])) == 8
     assert a != study_run_name("tp_grpo", 3, ["train.epochs=21", "eval.num_prompts=1024"])
     assert a != study_run_name("tp_grpo", 4, ["train.epochs=20", "eval.num_prompts=1024"])
+    # The value a key ends with counts, not the order the keys are listed in.
+    assert a == study_run_name("tp_grpo", 3, ["eval.num_prompts=1024", "train.epochs=20"])
+    assert a == study_run_name("tp_grpo", 3, ["train.epochs=5", "eval.num_prompts=1024", "train.epochs=20"])
 
 
 # --------------------------------------------------------------------------- run directories

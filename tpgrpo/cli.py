@@ -104,7 +104,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             f"model.resolution: expected pretrain.image_size ({cfg.pretrain.image_size}), the size the base "
             f"model is trained at, got {cfg.model.resolution}"
         )
-    test = load_prompts(Path(cfg.data.dir) / "test.jsonl")
+    # The pipeline's evaluation prompts (eval.num_prompts), so the base reward here is the one the
+    # training runs start from.
+    test = load_prompts(Path(cfg.data.dir) / "test.jsonl")[: cfg.eval.num_prompts]
     result = pretrain(cfg.model.path, cfg.pretrain, seed=cfg.seed, test_prompts=test)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)

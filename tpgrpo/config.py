@@ -451,8 +451,8 @@ class ExperimentConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Every leaf under its dotted name (``credit.mode``) of what a run trains with (variants,
-        pipeline and ablation excluded): for trackers."""
-        return _flatten(self.model_dump(mode="json", exclude={"variants", "pipeline", "ablation"}))
+        pipeline and the studies excluded): for trackers."""
+        return _flatten(self.model_dump(mode="json", exclude={"variants", "pipeline", "ablation", "studies"}))
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:

@@ -72,8 +72,10 @@ def study_files(out_dir: Path, study: str) -> dict[str, Path]:
 
 
 def settings_key(settings: Sequence[str]) -> str:
-    """A short hash of a study's run settings (``KEY=VALUE`` strings, in order)."""
-    return hashlib.sha256("\n".join(settings).encode()).hexdigest()[:8]
+    """A short hash of a study's run settings (``KEY=VALUE`` strings): the value each key ends
+    with, keys sorted, so the order they are listed in does not matter."""
+    final = dict(item.partition("=")[::2] for item in settings)
+    return hashlib.sha256("\n".join(f"{k}={final[k]}" for k in sorted(final)).encode()).hexdigest()[:8]
 
 
 def study_run_name(variant: str, seed: int, settings: Sequence[str]) -> str:

@@ -66,6 +66,9 @@ class ManagedAdapter:
             module.to("cpu" if name in offloaded else device)
         self._text_encoders = [m for n, m in modules.items() if n in offloaded and n != "vae"]
         self._vae = [modules["vae"]] if "vae" in offloaded else []
+        # Asked once: diffusers finds it by walking every module's hooks, ~10 ms a call on a CPU,
+        # which added up to a quarter of an evaluation's time.
+        self._device = inner.device
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, bool], PromptEmbeds] = OrderedDict()
         self._last_negative: tuple[Tensor, Tensor | None] | None = None
@@ -81,7 +84,7 @@ class ManagedAdapter:
     @property
     def device(self) -> torch.device:
         # The pipeline reports its accelerator even while the offloaded modules sit on the CPU.
-        return self.inner.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
