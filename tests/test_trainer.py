@@ -164,3 +164,47 @@ def test_resume_with_a_changed_method_is_refused(trainer_workspace: Path) -> Non
 
     resumed = train_variant_run(trainer_config(trainer_workspace, "runs-guard", **{"train.epochs": 2}), name="tp_grpo")
     assert resumed.result.epochs == 2 and resumed.run_id == first.run_id
+
+
+def test_evaluation_reports_held_in_prompts_training_reward_and_per_prompt_scores(trainer_workspace: Path) -> None:
+    """Beside the test prompts: the first eval.heldin_prompts train prompts, the training reward
+    of the same images, per-prompt scores per evaluation, and the base model's values, which
+    survive a resume."""
+    import csv
+    import json
+
+    from tpgrpo.data import load_prompt_set
+    from tpgrpo.evaluate import evaluate_prompts
+    from tpgrpo.rewards import build_reward
+    from tpgrpo.trainer import load_model
+
+    sections = {"train": {"epochs": 1}, "eval": {"heldin_prompts": 6, "reward": {"name": "verifiable"}}}
+    cfg = trainer_config(trainer_workspace, "runs-heldin", sections)
+    Trainer(cfg, variant="tp_grpo").fit()
+    out = trainer_workspace / "runs-heldin" / "tp_grpo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("heldin_reward", "train_reward", "color"):
+        assert f"eval_{key}" in metrics and f"eval_{key}_initial" in metrics, key
+
+    # The base model's held-in value is the strict reward of the first 6 train prompts, same noise.
+    base = load_model(cfg, "cpu")
+    heldin = load_prompt_set(trainer_workspace / "prompts" / "train.jsonl").take(list(range(6)))
+    expected = evaluate_prompts(
+        base, heldin, build_reward("verifiable"), num_steps=4, guidance_scale=2.0, batch_size=4, seed=cfg.seed, resolution=32
+    )
+    assert metrics["eval_heldin_reward_initial"] == pytest.approx(expected.reward, abs=1e-6)
+
+    # Per-prompt scores: one row per test prompt; their means are the reported rewards.
+    for epoch, suffix in ((0, "_initial"), (1, "")):
+        with (out / "eval_scores" / f"epoch_{epoch:04d}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert [r["index"] for r in rows] == ["0", "1", "2", "3"]
+        assert sum(float(r["reward"]) for r in rows) / 4 == pytest.approx(metrics[f"eval_reward{suffix}"], abs=1e-6)
+        assert sum(float(r["train_reward"]) for r in rows) / 4 == pytest.approx(metrics[f"eval_train_reward{suffix}"], abs=1e-6)
+
+    # Extending the run resumes it: the base model's values are carried over, not re-measured.
+    extended = trainer_config(trainer_workspace, "runs-heldin", {**sections, "train": {"epochs": 2}})
+    Trainer(extended, variant="tp_grpo").fit()
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["epochs"] == 2
+    assert {k: v for k, v in again.items() if k.endswith("_initial")} == {k: v for k, v in metrics.items() if k.endswith("_initial")}
