@@ -87,8 +87,9 @@ def _workspace(tmp_path: Path, assets: Path, epochs: int = 1) -> Path:
     params["data"].update(dir=str(assets / "prompts"))
     params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
     params["train"].update(epochs=epochs, lora_rank=2)
-    # Evaluation scores the training reward, so the flaky reward's second call is the first scoring.
-    params["eval"].update(num_steps=3, every=1, reward=None)
+    # Evaluation scores the training reward on the test prompts only, so the flaky reward's second
+    # call is the first scoring.
+    params["eval"].update(num_steps=3, every=1, reward=None, heldin_prompts=0)
     params["reward"].update(name="brightness")
     params["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="flows-test")
     params["variants"].update({"flaky": {"reward.name": "flaky"}, "broken": {"reward.name": "broken"}})
@@ -276,7 +277,9 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
 
     # A named study with the same settings reuses the finished run instead of training it again.
     raw = yaml.safe_load(params.read_text())
-    raw["studies"] = {"pair": {"variants": ["tp_grpo"], "seeds": [42], "epochs": 2, "overrides": dict(raw["ablation"]["overrides"])}}
+    raw["studies"] = {
+        "pair": {"variants": ["tp_grpo"], "reference": "tp_grpo", "seeds": [42], "epochs": 2, "overrides": dict(raw["ablation"]["overrides"])}
+    }
     params.write_text(yaml.safe_dump(raw))
     before = (tmp_path / "runs" / names["tp_grpo"] / "metrics.json").stat().st_mtime_ns
     again = ablation(study="pair", params_path=str(params), in_process=True)
