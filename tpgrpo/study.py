@@ -586,7 +586,7 @@ def _markdown(
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [
-        f"Runs in `{runs_dir}/`, seeds {', '.join(map(str, seeds))}. Final: the last evaluation "
+        f"Runs in `{_display(runs_dir)}/`, seeds {', '.join(map(str, seeds))}. Final: the last evaluation "
         f"(strict eval reward on {prompts}, ODE, EMA weights), mean ± std over seeds. Gain: final − "
         "base model on the same seed. vs `" + ref + "`: the paired difference on the same seeds. "
         "Brackets: 95% intervals (Student's t, n − 1 df). Detectable: the smallest true difference "
@@ -688,6 +688,14 @@ def _markdown(
         lines += ["", "Failed or missing runs (left out of every statistic):", ""]
         lines += [f"- `{run.name}`: {' '.join(run.reason.split())}" for _, run in failed]
     return "\n".join(lines) + "\n"
+
+
+def _display(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it (reports are committed)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _pair_json(p: PairedDifference) -> dict[str, Any]:
