@@ -142,7 +142,7 @@ def test_file_errors(tmp_path: Path) -> None:
 
 def test_study_sections_of_the_shipped_params(tmp_path: Path) -> None:
     cfg = load_config(ROOT / "params.yaml")
-    assert cfg.pipeline.variants == ["flow_grpo", "incremental", "tp_grpo"]
+    assert cfg.pipeline.variants == ["flow_grpo", "tp_grpo"]
     study = cfg.ablation
     assert study.reference == "flow_grpo" and len(study.seeds) >= 3 and cfg.seed not in study.seeds
     assert {"flow_grpo", "incremental", "tp_grpo"} <= set(study.variants)
