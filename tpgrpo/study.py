@@ -40,8 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import pandas as pd
-
 from tpgrpo.config import DEFAULT_STUDY
 from tpgrpo.report import (
     _STEP_COLUMN,
