@@ -12,9 +12,8 @@ mkdir -p "$out"
 run_line() {
   local name=$1 variant=$2; shift 2
   [ -f "$out/$name/metrics.json" ] && return 0
-  # shellcheck disable=SC2068
   tpgrpo train --variant "$variant" --run-name "$name" --restart \
-    --set "runs_dir=$out" --set "tracking.uri=sqlite:///$out/$name.db" --set train.num_threads=1 $@ \
+    --set "runs_dir=$out" --set "tracking.uri=sqlite:///$out/$name.db" --set train.num_threads=1 "$@" \
     > "$out/$name.log" 2>&1 || echo "FAILED: $name (see $out/$name.log)"
   echo "done: $name"
 }
