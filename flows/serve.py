@@ -8,6 +8,10 @@ runs (the ablation's own run holds one slot while it waits). Then, from any shel
 
     prefect deployment run tpgrpo/ablation --watch
 
+Ctrl-C or SIGTERM stops it: deployments paused and running flow runs cancelled while the API
+answers; within 15 seconds in any case (with the API gone, Prefect's own shutdown would retry for
+over a minute).
+
 Alternative with a work pool (several machines, or workers with their own limits): see
 prefect.yaml (``prefect deploy --all`` and ``prefect worker start --pool tpgrpo-pool``).
 """
@@ -15,6 +19,12 @@ prefect.yaml (``prefect deploy --all`` and ``prefect worker start --pool tpgrpo-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
 from typing import Sequence
 
 from prefect.deployments.runner import EntrypointType
@@ -64,12 +74,58 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.train_concurrency is not None and args.train_concurrency < 1:
         parser.error("--train-concurrency: expected at least 1")
 
-    from prefect import serve
-
     from flows import require_api
 
     require_api(parser.prog)
-    serve(*build_deployments(args.train_concurrency), limit=args.limit)
+    if os.environ.get(_SERVING) == "1":
+        from prefect import serve
+
+        serve(*build_deployments(args.train_concurrency), limit=args.limit)
+        return
+    sys.exit(_supervise(parser.prog, list(sys.argv[1:] if argv is None else argv)))
+
+
+# Set in the serving child: the parent only supervises it.
+_SERVING = "TPGRPO_SERVE_CHILD"
+# How long a stop may take: pausing the deployments takes seconds while the Prefect API answers;
+# with the API gone, Prefect retries every call for over a minute before giving up.
+STOP_GRACE_SECONDS = 15.0
+
+
+def _supervise(prog: str, argv: list[str]) -> int:
+    """Serve in a child process (its own process group, with the flow runs it starts) and stop it
+    on SIGINT / SIGTERM: a graceful stop first (deployments paused, runs cancelled), then, after
+    ``STOP_GRACE_SECONDS``, the whole group killed with one line saying so."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", *argv], env={**os.environ, _SERVING: "1"}, start_new_session=True
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stop.is_set():
+            stop.set()
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    while child.poll() is None and not stop.is_set():
+        stop.wait(0.5)
+    if not stop.is_set():
+        return child.returncode
+    try:
+        child.wait(STOP_GRACE_SECONDS)
+        return 0
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        print(
+            f"{prog}: stopped after {STOP_GRACE_SECONDS:.0f} s without a graceful shutdown (the Prefect API did "
+            "not answer); deployments were not paused and running flow runs were killed",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

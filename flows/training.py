@@ -20,14 +20,19 @@ rollouts would hold every epoch's samples in memory. Tasks use ``cache_policy=NO
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
 from tpgrpo.config import load_config
 from tpgrpo.study import run_name as default_run_name
+
+# Prefect attaches its run-log handler to the `tpgrpo` logger (prefect.toml's extra_loggers) but
+# leaves its level at the root's WARNING, which would drop the trainer's INFO epoch lines.
+logging.getLogger("tpgrpo").setLevel(logging.INFO)
 
 FLOW_NAME = "tpgrpo-train"
 DEPLOYMENT_NAME = "train"
@@ -39,21 +44,41 @@ SEED_TAG = "seed"
 _RETRIES: dict[str, dict[str, Any]] = {"score": dict(retries=2, retry_delay_seconds=[2, 10])}
 
 
+# The figures of each step its task's log line shows (all of them are in its result and MLflow).
+_KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "rollout": ("time/rollout_s",),
+    "score": ("reward/mean", "reward/std", "skipped/nonfinite"),
+    "credit": ("turning/rate", "advantage/abs_mean", "skipped/zero_variance_groups"),
+    "update": ("loss/policy", "approx_kl", "clip_fraction", "grad_norm", "time/update_s"),
+    "evaluate": ("eval/reward", "eval/heldin_reward", "eval/train_reward"),
+}
+
+
 def _summary(value: Any) -> dict[str, float]:
     """What Prefect sees of a step's result: its metrics, never the tensors (a fresh dict even
     when empty, so Prefect can link the next task to this one)."""
     if hasattr(value, "metrics"):
         return dict(value.metrics)
+    if hasattr(value, "seconds"):
+        return {"time/rollout_s": value.seconds}
     if hasattr(value, "reward") and hasattr(value, "details"):
         return {"eval/reward": value.reward, **{f"eval/{k}": v for k, v in value.details.items()}}
     return {}
+
+
+def step_line(label: str, name: str, epoch: int, summary: dict[str, float]) -> str:
+    """``tp_grpo seed 3, epoch 4, score: reward/mean 0.6121, reward/std 0.0843``."""
+    figures = ", ".join(f"{key} {summary[key]:.4g}" for key in _KEY_METRICS.get(name, ()) if key in summary)
+    where = "finalize" if name == "finalize" else f"epoch {epoch}, {name}"
+    return f"{label}, {where}" + (f": {figures}" if figures else "")
 
 
 class TaskSteps:
     """A :data:`tpgrpo.trainer.StepRunner` that runs every step as a named Prefect task, each
     depending on the previous one (so the UI draws the epoch's DAG)."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label  # names the run in every task's log line: children share a terminal
         self._upstream: Any = None
 
     def __call__(self, name: str, epoch: int, fn: Callable[[], Any]) -> Any:
@@ -61,7 +86,9 @@ class TaskSteps:
 
         def body(upstream: Any = None) -> dict[str, float]:
             box["value"] = fn()
-            return _summary(box["value"])
+            summary = _summary(box["value"])
+            get_run_logger().info(step_line(self.label, name, epoch, summary))
+            return summary
 
         run_name = "finalize" if name == "finalize" else f"{name}-epoch-{epoch}"
         step = task(
@@ -134,7 +161,7 @@ def train_variant(
         restart=restart and current_flow_run.run_count <= 1,
         parent_run_id=parent_run_id,
         tags=tags,
-        run_step=TaskSteps(),
+        run_step=TaskSteps(f"{variant} seed {cfg.seed}"),
     )
     result = outcome.result
     return {

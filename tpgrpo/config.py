@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Sequence, Un
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tpgrpo.credit import CreditConfig
 from tpgrpo.errors import ConfigError
 
 if TYPE_CHECKING:
+    from tpgrpo.credit import CreditConfig
     from tpgrpo.rewards import RewardFunction
 
 
@@ -94,7 +94,9 @@ class PretrainSection(_Section):
     linear warm-up, cosine to ``min_lr_ratio * lr``), ``weight_decay``, gradient norm clip
     ``grad_clip`` (0: off), sigma = sigmoid(N(``logit_mean``, ``logit_std``)) shifted like the
     scheduler when ``shift_sigmas``, ``caption_dropout`` of captions emptied, EMA ``ema_decay``.
-    Evaluation: ``eval_prompts`` test prompts, ``eval_steps`` ODE steps at ``eval_guidance_scale``.
+    Evaluation: as the training runs evaluate (the ``eval`` section and the top-level ``seed``);
+    ``eval_prompts``: how many world test prompts :func:`tpgrpo.pretrain.pretrain` samples when it
+    is given none (``tpgrpo pretrain`` evaluates the first ``eval.num_prompts`` of test.jsonl).
     ``num_threads``: torch CPU threads (0 = leave torch's setting); 1 is fastest on a busy 2-core
     box and keeps float reductions, and so the model, reproducible.
     """
@@ -124,10 +126,6 @@ class PretrainSection(_Section):
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
     zero_init: bool = True
     eval_prompts: int = Field(128, ge=1)
-    eval_seed: int = Field(0, ge=0)
-    eval_steps: int = Field(10, ge=1)
-    eval_guidance_scale: float = Field(2.0, ge=1.0)
-    eval_batch_size: int = Field(64, ge=1)
     num_threads: int = Field(1, ge=0)
 
     @model_validator(mode="after")
@@ -207,6 +205,9 @@ class CreditSection(_Section):
     eta: float = Field(1.0, gt=0.0)
 
     def to_credit_config(self) -> CreditConfig:
+        # Imported here: validating a config must not wait for torch.
+        from tpgrpo.credit import CreditConfig
+
         return CreditConfig(**self.model_dump(exclude={"balance_scope"}))
 
 
@@ -550,7 +551,9 @@ def read_yaml_mapping(path: str | Path, kind: str) -> dict[str, Any]:
     try:
         raw = parse_yaml(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {kind} file not found") from None
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        hint = " (run in the project directory or pass --params FILE)" if kind == "params" else ""
+        raise ConfigError(f"{path}: {kind} file not found{where}{hint}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

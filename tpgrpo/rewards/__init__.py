@@ -22,11 +22,12 @@ import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tpgrpo.errors import UnknownRewardError
+
+if TYPE_CHECKING:  # torch loads with the first reward built, not with the config that names it
+    import torch
 
 __all__ = ["RewardFunction", "RewardOutput", "UnknownRewardError", "available_rewards", "build_reward", "register_reward"]
 
