@@ -35,6 +35,7 @@ import gc
 import json
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -134,13 +135,16 @@ def compare_task(
     )
     key = study.replace("_", "-")
     create_table_artifact(
-        table=report.records(),
+        table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in report.records()],
         key=f"{TABLE_ARTIFACT_KEY}-{key}",
         description=f"Study {study}: final eval reward per variant, gain and difference to {reference} with 95% intervals",
     )
-    plots = "\n".join(f"- `{p}`" for p in report.plot_paths.values())
+    # The Prefect UI cannot open local files: the plots are named by where a browser finds them,
+    # the MLflow run's artifacts, beside where they lie on disk.
+    where = f" and in the artifacts of MLflow run `{parent_run_id}` (`mlflow ui`)" if parent_run_id else ""
+    plots = "\n".join(f"- `{p.name}`" for p in report.plot_paths.values())
     create_markdown_artifact(
-        markdown=f"{report.markdown}\nPlots:\n\n{plots}\n",
+        markdown=f"{report.markdown}\nPlots, in `{Path(reports_dir)}`{where}:\n\n{plots}\n",
         key=f"{MARKDOWN_ARTIFACT_KEY}-{key}",
         description=f"Study {study} report",
     )
@@ -297,7 +301,13 @@ def _settle_mlflow(cfg: ExperimentConfig, parent_run_id: str | None, outcome: Ch
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name=ABLATION_FLOW_NAME, persist_result=False)
+def _flow_run_name() -> str:
+    """``study-<name>-<MMDD-HHMM>``: the study a run of the deployment belongs to, at a glance."""
+    study = current_flow_run.parameters.get("study") or DEFAULT_STUDY
+    return f"study-{study}-{datetime.now():%m%d-%H%M}"
+
+
+@flow(name=ABLATION_FLOW_NAME, flow_run_name=_flow_run_name, persist_result=False)
 def ablation(
     study: str | None = None,
     variants: list[str] | None = None,
@@ -353,11 +363,12 @@ def ablation(
     reports_dir = reports_dir or shared.reports_dir
     max_parallel = max_parallel or shared.max_parallel
 
-    from tpgrpo.tracking import finishing, open_tracker, run_tags
+    from tpgrpo.tracking import describe_study, finishing, open_tracker, run_tags
 
-    flow_run_name = current_flow_run.name or "local"
+    # The run's Source (mlflow.source.name) is this file: the tracker names the flow being run.
     parent_tags = {
         **run_tags(),
+        **describe_study(study_name, chosen, seed_list),
         "study": study_name,
         "ablation.variants": ",".join(chosen),
         "ablation.seeds": ",".join(map(str, seed_list)),
@@ -368,7 +379,7 @@ def ablation(
         cfg.tracking.uri,
         cfg.tracking.experiment,
         is_main_process=True,
-        run_name=f"{study_name}-{flow_run_name}",
+        run_name=current_flow_run.name if current_flow_run.id else f"study-{study_name}-local",
         tags=parent_tags,
     )
     with finishing(parent):

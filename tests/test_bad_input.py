@@ -343,6 +343,22 @@ def test_mlflow_store_not_writable(ws: Path, tmp_path: Path, capsys: pytest.Capt
     )
 
 
+def test_mlflow_run_of_the_run_directory_missing(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """runs/default was logged to the workspace's store; another store (a changed tracking.uri, a
+    deleted mlflow.db) does not hold its run."""
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    _fails(
+        capsys, ws, _train(ws, f"tracking.uri={uri}"),
+        f"{ws / 'runs' / 'default'}: its MLflow run ", f" is not in {uri} ",
+        "set tracking.uri to the store it was logged to, or pass --restart",
+    )
+
+
+def test_params_file_missing_in_the_working_directory(ws: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, ws, ["train"], f"params.yaml: params file not found in {tmp_path} (", "--params FILE")
+
+
 @pytest.mark.parametrize("module", ["flows.ablation", "flows.serve"])
 def test_prefect_api_unreachable(ws: Path, tmp_path: Path, module: str) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/api"

@@ -83,7 +83,7 @@ def test_train_then_evaluate_through_the_cli(tmp_path: Path, tiny_pipe, capsys: 
     tiny_workspace(tmp_path, tiny_pipe, train={"epochs": 1}, eval={"num_steps": 3}, reward={"name": "brightness"})
 
     assert main(["train", "--params", str(tmp_path / "params.yaml"), "--variant", "flow_grpo"]) == 0
-    assert "flow_grpo: 1 epochs" in capsys.readouterr().out
+    assert "flow_grpo: 1 epoch in " in capsys.readouterr().out
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("tpgrpo").experiment_id])
     assert run.data.tags["variant"] == "flow_grpo" and run.info.status == "FINISHED"
@@ -93,6 +93,8 @@ def test_train_then_evaluate_through_the_cli(tmp_path: Path, tiny_pipe, capsys: 
     assert main(["evaluate", "--params", str(tmp_path / "params.yaml"), "--variant", "flow_grpo", "--out", str(out)]) == 0
     trained = json.loads(out.read_text())
     assert trained["model"] == "flow_grpo" and trained["prompts"] == 4
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"flow_grpo: eval reward {trained['reward']:.4f} on 4 test prompts", printed
     # diffusers' own LoRA loader reads the final weights and reproduces the trained model (up to
     # float rounding: peft applies the alpha / rank scaling in a different order).
     metrics = json.loads((tmp_path / "runs" / "flow_grpo" / "metrics.json").read_text())

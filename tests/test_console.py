@@ -94,15 +94,6 @@ def test_config_errors_come_before_torch(command: str) -> None:
     assert "unknown key 'train.epoch'" in out.stderr
 
 
-def test_missing_params_file_names_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert main(["check"]) == 2
-    assert capsys.readouterr().err == (
-        f"tpgrpo check: error: params.yaml: params file not found in {tmp_path} "
-        "(run in the project directory or pass --params FILE)\n"
-    )
-
-
 def test_evaluation_summary_is_readable() -> None:
     from tpgrpo.cli import _evaluation_summary
 

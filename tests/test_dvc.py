@@ -18,7 +18,7 @@ TINY = {
     "data": {"num_train": 24, "num_test": 4},
     "pretrain": {
         "num_train_images": 64, "vae_steps": 3, "vae_batch_size": 8, "vae_test_images": 8,
-        "transformer_steps": 3, "batch_size": 8, "warmup_steps": 1, "eval_steps": 2, "eval_batch_size": 8,
+        "transformer_steps": 3, "batch_size": 8, "warmup_steps": 1,
     },
     "sample": {"num_steps": 3, "window_size": 2, "batch_size": 4, "group_size": 2, "batches_per_epoch": 1},
     "train": {"epochs": 1},

@@ -268,6 +268,21 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
     metrics = json.loads((tmp_path / "runs" / names["tp_grpo"] / "metrics.json").read_text())
     assert table[1]["final_mean"] == pytest.approx(metrics["eval_reward"], abs=1e-4) and table[1]["seeds_ok"] == 1
     assert "| `tp_grpo` | 1/1 |" in by_key["tpgrpo-study-report-ablation"].data
+    assert all(len(repr(v).split(".")[-1]) <= 4 for row in table for v in row.values() if isinstance(v, float))
+    assert _flow_run(parent_flow_run_id).name.startswith("study-ablation-")
+    assert parent.info.run_name == _flow_run(parent_flow_run_id).name
+
+    # Logs: every task names its run, epoch and figures; the trainer's epoch line reaches the UI.
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()
+    child_flow_run = children["tp_grpo"].data.tags[FLOW_RUN_TAG]
+    with get_client(sync_client=True) as prefect:
+        logs = [r.message for r in prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[child_flow_run])))]
+    assert any(m.startswith("tp_grpo seed 42, epoch 2, score: reward/mean ") for m in logs), logs
+    assert any(m.startswith("tp_grpo seed 42, epoch 2, evaluate: eval/reward ") for m in logs), logs
+    assert any(m.startswith(f"{names['tp_grpo']} epoch 2/2 | train reward ") for m in logs), logs
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "study")) == [
         "study/ablation.json",
         "study/ablation.md",

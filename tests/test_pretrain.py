@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 from tpgrpo import world
-from tpgrpo.config import config_from_dict
+from tpgrpo.config import EvalSection, config_from_dict
 from tpgrpo.errors import ConfigError
 from tpgrpo.models import build_tiny_sd3
 from tpgrpo.pretrain import (
@@ -36,14 +37,13 @@ TINY = PretrainConfig(
     batch_size=16,
     warmup_steps=5,
     eval_prompts=8,
-    eval_batch_size=8,
-    eval_steps=4,
 )
+TINY_EVAL = EvalSection(num_steps=4, batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> PretrainResult:
-    return pretrain(tmp_path_factory.mktemp("pretrain") / "base", TINY, seed=0, progress=False)
+    return pretrain(tmp_path_factory.mktemp("pretrain") / "base", TINY, seed=0, evaluation=TINY_EVAL, progress=False)
 
 
 def test_saved_pipeline_loads_with_plain_from_pretrained(tiny_run):
@@ -83,7 +83,41 @@ def test_result_metrics(tiny_run):
     assert tiny_run.vae_test_mse > 0 and tiny_run.seconds_vae > 0 and tiny_run.seconds_transformer > 0
     saved = json.loads((tiny_run.path / METRICS_FILE).read_text())
     assert saved["config"]["transformer_steps"] == TINY.transformer_steps
+    assert saved["eval"]["num_steps"] == TINY_EVAL.num_steps and saved["reward"]["name"] == "verifiable"
     assert saved["metrics"]["reward_base"] == pytest.approx(tiny_run.reward_base)
+
+
+def test_cli_base_reward_is_the_training_runs_epoch_0_reward(tmp_path):
+    """`tpgrpo pretrain` evaluates as the trainer does (eval section, seed, eval reward): its
+    reward_base is the trainer's evaluation of the same model before any update."""
+    import yaml
+
+    from tpgrpo.cli import main
+    from tpgrpo.config import load_config
+    from tpgrpo.trainer import Trainer
+
+    world.write_prompt_sets(tmp_path / "prompts", n_train=8, n_test=6, seed=0)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params.update(seed=7, runs_dir=str(tmp_path / "runs"))
+    params["model"]["path"] = str(tmp_path / "base")
+    params["data"]["dir"] = str(tmp_path / "prompts")
+    params["pretrain"].update(TINY.model_dump(exclude={"eval_prompts"}))
+    params["sample"].update(num_steps=3, window_size=2, batch_size=4, group_size=2, batches_per_epoch=1)
+    params["train"].update(lora_rank=2)
+    # A dense reward, a sampler and batches unlike the defaults: a setting pretrain did not take
+    # from the eval section would change the number.
+    params["eval"].update(
+        num_steps=3, guidance_scale=3.0, batch_size=4, num_prompts=5, heldin_prompts=0,
+        reward={"name": "brightness", "options": {}},
+    )  # fmt: skip
+    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+
+    assert main(["pretrain", "--params", str(path), "--report", str(tmp_path / "base_model.json")]) == 0
+    reward_base = json.loads((tmp_path / "base_model.json").read_text())["reward_base"]
+    epoch_0 = Trainer(load_config(path), variant="tp_grpo").evaluate(0)
+    assert reward_base == pytest.approx(epoch_0.reward, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +130,7 @@ def test_result_metrics(tiny_run):
         ("lr", 0.0),
         ("caption_dropout", 1.5),
         ("ema_decay", 1.0),
-        ("eval_guidance_scale", 0.5),
+        ("eval_prompts", 0),
         ("vae_steps", 2.5),
     ],
 )
@@ -151,13 +185,18 @@ def test_base_evaluation_is_kept_for_the_grid(tiny_run, tmp_path):
     assert ev.reward == pytest.approx(tiny_run.reward_base)
     assert ev.scores.shape == (tiny_run.num_eval_prompts,)
     image = Image.open(save_grid(ev, tmp_path / "grid.png", columns=4))
-    # 8 samples of 32 px upscaled 4x, 4 px padding, 3 caption lines of 12 px, 4 columns
-    assert image.size == (4 * (128 + 8), 2 * (128 + 36 + 8))
+    # 8 samples of 32 px upscaled 6x, 4 px padding, a score line and 3 caption lines of 16 px, 4 columns
+    assert image.size == (4 * (192 + 8), 2 * (192 + 4 * 16 + 8))
 
 
 @pytest.mark.slow
-def test_same_seed_reproduces_the_model(tiny_run, tmp_path):
-    again = pretrain(tmp_path / "again", TINY, seed=0, progress=False)
+def test_same_seed_reproduces_the_model_whatever_the_evaluation(tiny_run, tmp_path):
+    """The evaluation runs after the model is saved, from a generator of its own: other
+    evaluation settings and prompts leave the weights as they were."""
+    other = EvalSection(num_steps=2, guidance_scale=1.0, batch_size=3)
+    prompts = [s.to_dict() for s in world.sample_prompts(5, 9, "test")]
+    again = pretrain(tmp_path / "again", TINY, seed=0, evaluation=other, test_prompts=prompts, progress=False)
+    assert again.num_eval_prompts == 5
     assert again.transformer_losses == tiny_run.transformer_losses
     assert again.scaling_factor == tiny_run.scaling_factor
     a = StableDiffusion3Pipeline.from_pretrained(tiny_run.path, local_files_only=True).transformer.state_dict()

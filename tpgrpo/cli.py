@@ -6,13 +6,17 @@ Errors that a user can fix (bad params, missing files) print one line to stderr 
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import yaml
 
+from tpgrpo import __version__
 from tpgrpo.config import DEFAULT_STUDY, ExperimentConfig, load_config, read_yaml_mapping
+from tpgrpo.console import configure as configure_console
+from tpgrpo.console import plural
 from tpgrpo.errors import UserError
 
 
@@ -89,8 +93,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     Trains the VAE, then the MMDiT transformer (settings under `pretrain`), saves the pipeline
     with save_pretrained, reloads it with StableDiffusion3Pipeline.from_pretrained, and evaluates
-    it and an untrained copy on the test prompts. Writes --report (JSON metrics) and a sample
-    grid beside it (PNG).
+    it and an untrained copy on the test prompts as the training runs evaluate (eval section,
+    seed). Writes --report (JSON metrics) and a sample grid beside it (PNG).
     """
     import json
 
@@ -104,10 +108,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             f"model.resolution: expected pretrain.image_size ({cfg.pretrain.image_size}), the size the base "
             f"model is trained at, got {cfg.model.resolution}"
         )
-    # The pipeline's evaluation prompts (eval.num_prompts), so the base reward here is the one the
-    # training runs start from.
+    # The training runs' evaluation prompts (eval.num_prompts), settings (eval) and noise seed
+    # (seed), so the base reward here is their epoch-0 evaluation reward.
     test = load_prompts(Path(cfg.data.dir) / "test.jsonl")[: cfg.eval.num_prompts]
-    result = pretrain(cfg.model.path, cfg.pretrain, seed=cfg.seed, test_prompts=test)
+    result = pretrain(
+        cfg.model.path, cfg.pretrain, seed=cfg.seed, test_prompts=test, evaluation=cfg.eval, training_reward=cfg.reward
+    )
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     metrics = {
@@ -135,19 +141,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     metrics.json, final/, samples/) and logs the run to MLflow. Resumes from the newest checkpoint
     of that run directory unless --restart. Multi-GPU / multi-node: run it under `accelerate launch`.
     """
+    # The configuration is checked before torch and diffusers load: a typo fails in a second.
+    cfg = _config(args)
     from tpgrpo.runguard import check_run_name
-    from tpgrpo.trainer import train_variant_run
 
     variant = args.variant or "default"
     name = variant if args.run_name is None else check_run_name(args.run_name)
-    cfg = _config(args)
     _require_model(cfg, args)
+    from tpgrpo.trainer import train_variant_run
+
     outcome = train_variant_run(cfg, name=name, variant=variant, restart=args.restart, parent_run_id=args.parent_run_id)
     result = outcome.result
     if outcome.is_main:
         before = "n/a" if result.eval_reward_initial is None else f"{result.eval_reward_initial:.4f}"
         print(
-            f"{name}: {result.epochs} epochs in {result.minutes:.1f} min; "
+            f"{name}: {plural(result.epochs, 'epoch')} in {result.minutes:.1f} min; "
             f"eval reward {before} -> {result.eval_reward_final:.4f}; outputs in {result.run_dir}"
         )
 
@@ -157,19 +165,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     on the test prompts with ODE sampling (eval.num_steps, eval.guidance_scale), on the GPU when
     there is one, in model.dtype and with the model's memory options.
 
-    Prints the mean reward and its per-constraint means; --out writes them as JSON, and a sample
-    grid is written beside it.
+    Prints the mean reward and its per-constraint means; --out writes them as JSON, with a sample
+    grid beside it (<out>.png) and the first 16 samples as PNGs in <out>_images/.
     """
     import json
 
+    cfg = _config(args)
+    _require_model(cfg, args)
     import torch
 
     from tpgrpo.data import load_prompt_set
-    from tpgrpo.evaluate import evaluate_prompts, save_grid
+    from tpgrpo.evaluate import evaluate_prompts, save_grid, save_images
     from tpgrpo.trainer import load_model
 
-    cfg = _config(args)
-    _require_model(cfg, args)
     adapter = load_model(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     pipe = adapter.pipe
     if args.variant:
@@ -198,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         resolution=cfg.model.resolution,
     )
     summary = {"model": args.variant or "base", "reward": result.reward, "prompts": len(test), **result.details}
-    print(json.dumps(summary, indent=2))
+    print(_evaluation_summary(summary, result.details))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +214,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(out)
         save_grid(result, out.with_suffix(".png"))
+        # The first samples at the model's resolution: what the README's diffusers snippet gives.
+        save_images(result, out.with_name(f"{out.stem}_images"))
+
+
+def _evaluation_summary(summary: dict, details: dict[str, float]) -> str:
+    """``tp_grpo: eval reward 0.5277 on 256 test prompts`` and one indented line per component."""
+    lines = [f"{summary['model']}: eval reward {summary['reward']:.4f} on {summary['prompts']} test prompts"]
+    width = max((len(k) for k in details), default=0)
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in details.items()]
+    return "\n".join(lines)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -286,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tpgrpo",
         description="TurningPoint-GRPO / Flow-GRPO fine-tuning of flow-matching text-to-image models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps --version on one line
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=func.__doc__)
@@ -316,8 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    """``tpgrpo 0.1.0 (python 3.11.9; torch 2.13.0+cpu, diffusers ...)``: the versions a bug
+    report needs, read from package metadata without importing the packages."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{name} {installed(name)}" for name in _STACK)
+    return f"tpgrpo {__version__} (python {platform.python_version()}; {stack})"
+
+
+_STACK = ("torch", "diffusers", "transformers", "peft", "accelerate", "mlflow", "prefect", "dvc")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_console()
     try:
         args.func(args)
     except UserError as exc:

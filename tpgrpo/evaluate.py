@@ -7,10 +7,12 @@ with different batch sizes or over several processes compare the same samples.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
@@ -131,55 +133,107 @@ def _gather(accelerator: Any | None, values: Tensor) -> Tensor:
     return accelerator.gather(values.to(accelerator.device)).cpu()
 
 
+GRID_TILE = 192
+"""Smallest side (px) a grid tile is upscaled to: room for a readable caption under each sample."""
+
+_FONT_SIZE, _LINE_HEIGHT = 13, 16
+# DejaVu ships with most Linux systems (Debian: fonts-dejavu-core); Pillow finds it by file name
+# in the system font directories.
+_FONT_FILES = {"regular": "DejaVuSans.ttf", "bold": "DejaVuSans-Bold.ttf"}
+
+
 def make_grid(
     images: Tensor,
     captions: Sequence[str],
     *,
+    scores: Sequence[float] | Tensor | None = None,
     columns: int = 8,
     scale: int | None = None,
     caption_lines: int = 3,
 ) -> Image.Image:
     """A captioned grid of images [n, 3, H, W] in [0, 1].
 
-    Images are upscaled ``scale`` x by nearest neighbour (default: to at least 128 px) so small
-    samples stay readable; each caption is wrapped to ``caption_lines`` lines under its image.
+    Images are upscaled ``scale`` x by nearest neighbour (default: to at least ``GRID_TILE`` px)
+    so small samples stay readable. Under each image: its score (``scores`` [n], in bold, when
+    given), then its caption wrapped to ``caption_lines`` lines.
     """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"make_grid: expected images [n, 3, H, W], got shape {tuple(images.shape)}")
     if len(images) == 0 or len(images) != len(captions):
         raise ValueError(f"make_grid: expected as many captions as images (>= 1), got {len(images)} and {len(captions)}")
-    side = images.shape[-1]
-    scale = scale or max(1, math.ceil(128 / side))
-    pad, line_height = 4, 12
-    tile = side * scale
-    cell_w, cell_h = tile + 2 * pad, tile + caption_lines * line_height + 2 * pad
+    if scores is not None and len(scores) != len(images):
+        raise ValueError(f"make_grid: expected one score per image ({len(images)}), got {len(scores)}")
+    if columns < 1 or caption_lines < 1 or (scale is not None and scale < 1):
+        raise ValueError(
+            f"make_grid: expected columns, caption_lines and scale >= 1, got {columns}, {caption_lines} and {scale}"
+        )
+    height, width = images.shape[-2:]
+    scale = scale or max(1, math.ceil(GRID_TILE / min(height, width)))
+    pad = 4
+    tile_w, tile_h = width * scale, height * scale
+    text_lines = caption_lines + (scores is not None)
+    cell_w, cell_h = tile_w + 2 * pad, tile_h + text_lines * _LINE_HEIGHT + 2 * pad
     cols = min(columns, len(images))
     rows = math.ceil(len(images) / cols)
     canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _font(10)
-    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, (array, caption) in enumerate(zip(arrays, captions)):
+    font, bold = _font("regular", _FONT_SIZE), _font("bold", _FONT_SIZE)
+    for i, (array, caption) in enumerate(zip(_to_uint8(images), captions)):
         x, y = (i % cols) * cell_w + pad, (i // cols) * cell_h + pad
-        canvas.paste(Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
-        for j, line in enumerate(_wrap(draw, caption, font, tile, caption_lines)):
-            draw.text((x, y + tile + 1 + j * line_height), line, fill=(0, 0, 0), font=font)
+        canvas.paste(Image.fromarray(array).resize((tile_w, tile_h), Image.Resampling.NEAREST), (x, y))
+        y += tile_h + 1
+        if scores is not None:
+            draw.text((x, y), f"score {float(scores[i]):.2f}", fill=(0, 0, 0), font=bold)
+            y += _LINE_HEIGHT
+        for j, line in enumerate(_wrap(draw, caption, font, tile_w, caption_lines)):
+            draw.text((x, y + j * _LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
     return canvas
 
 
 def save_grid(result: EvalResult, path: str | Path, *, columns: int = 8) -> Path:
-    """Write the evaluation's sample grid as a PNG (atomically)."""
+    """Write the evaluation's sample grid, each sample captioned with its score and prompt, as a
+    PNG (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    make_grid(result.images, result.prompts, columns=columns).save(tmp, format="PNG")
+    grid = make_grid(result.images, result.prompts, scores=result.scores[: len(result.images)], columns=columns)
+    grid.save(tmp, format="PNG")
     tmp.replace(path)
     return path
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def save_images(result: EvalResult, directory: str | Path) -> list[Path]:
+    """Write the evaluation's first samples, one PNG each at the model's resolution, as
+    ``directory/NN.png`` (NN: the prompt's index in the evaluated set); replaces the directory.
+
+    Pixels are quantised as diffusers' ``numpy_to_pil`` quantises a pipeline's output, so images
+    generated with the pipeline from the same noise can be compared file by file.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [f"{i:02d}.png" for i in range(len(result.images))]
+    for name, array in zip(names, _to_uint8(result.images)):
+        Image.fromarray(array).save(tmp / name, format="PNG")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return [directory / name for name in names]
+
+
+def _to_uint8(images: Tensor) -> np.ndarray:
+    """[n, 3, H, W] in [0, 1] -> uint8 numpy [n, H, W, 3], rounded as diffusers rounds."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _font(style: str, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed bitmap font
-        return ImageFont.load_default()
+        return ImageFont.truetype(_FONT_FILES[style], size)
+    except OSError:  # DejaVu not installed: Pillow's own font at that size
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has one fixed bitmap font
+            return ImageFont.load_default()
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int) -> list[str]:

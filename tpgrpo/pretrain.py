@@ -2,7 +2,7 @@
 
     from tpgrpo.pretrain import PretrainConfig, pretrain
     result = pretrain("models/base", PretrainConfig(), seed=0)
-    result.reward_base, result.reward_untrained       # verifiable reward on held-out test prompts
+    result.reward_base, result.reward_untrained       # evaluation reward on held-out test prompts
 
 Steps (DESIGN.md §3):
 
@@ -21,9 +21,14 @@ Steps (DESIGN.md §3):
    (:class:`tpgrpo.ema.WeightEMA`, warm-up decay up to ``ema_decay``) that becomes the saved model;
 5. save with :func:`tpgrpo.models.save_pipeline` and reload with a plain
    ``StableDiffusion3Pipeline.from_pretrained``, the path a real SD3.5 checkpoint takes;
-6. evaluate the reloaded model and a freshly built untrained one on test prompts (ODE sampler).
+6. evaluate the reloaded model and a freshly built untrained one on test prompts (ODE sampler),
+   with the settings the training runs evaluate with (``evaluation``: the ``eval`` section; the
+   initial noise from ``seed``, as the trainer's from the top-level ``seed``), so the base reward
+   is the runs' epoch-0 reward.
 
 Everything draws from generators seeded by ``seed``: the same seed gives the same model on CPU.
+The evaluation comes after the model is saved and draws its noise from a generator of its own, so
+the evaluation settings and prompts never change the weights.
 """
 
 from __future__ import annotations
@@ -45,13 +50,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tpgrpo import world
-from tpgrpo.config import PretrainSection
+from tpgrpo.config import EvalSection, PretrainSection, RewardSection
 from tpgrpo.data import PromptSet
 from tpgrpo.ema import WeightEMA
 from tpgrpo.evaluate import EvalResult, evaluate_prompts
 from tpgrpo.models import TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
 from tpgrpo.models.base import _quiet_progress
-from tpgrpo.rewards import build_reward
+from tpgrpo.rewards import RewardFunction, build_reward
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "tiny_config", "encode_text_table", "train_vae", "train_transformer"]
 
@@ -79,7 +84,7 @@ class PretrainResult:
         vae_test_mse: per-pixel MSE (images in [0, 1]) of VAE reconstructions of test-prompt images.
         vae_recon_reward: verifiable reward of those reconstructions (the ceiling the VAE allows).
         scaling_factor, shift_factor: the latent statistics written into ``vae.config``.
-        reward_base: mean verifiable reward of the trained (reloaded) model on the test prompts.
+        reward_base: mean evaluation reward of the trained (reloaded) model on the test prompts.
         reward_untrained: the same evaluation of a freshly built, untrained pipeline.
         reward_details: per-constraint means of the trained model (NaN entries ignored).
         reward_details_untrained: the same for the untrained pipeline.
@@ -364,9 +369,9 @@ def _reconstruction_quality(vae: torch.nn.Module, batch: world.TrainingBatch) ->
 # The whole stage
 
 
-def _test_records(cfg: PretrainConfig, test_prompts: list[dict] | None) -> list[dict[str, Any]]:
+def _test_records(cfg: PretrainConfig, seed: int, test_prompts: list[dict] | None) -> list[dict[str, Any]]:
     if test_prompts is None:
-        return [s.to_dict() for s in world.sample_prompts(cfg.eval_prompts, cfg.eval_seed, "test")]
+        return [s.to_dict() for s in world.sample_prompts(cfg.eval_prompts, seed, "test")]
     if not test_prompts:
         raise ValueError("pretrain: test_prompts is empty")
     bad = [i for i, r in enumerate(test_prompts) if not isinstance(r, dict) or "prompt" not in r or "kind" not in r]
@@ -381,26 +386,50 @@ def pretrain(
     *,
     seed: int = 0,
     test_prompts: list[dict] | None = None,
+    evaluation: EvalSection = EvalSection(),
+    training_reward: RewardSection = RewardSection(),
     progress: bool = True,
 ) -> PretrainResult:
     """Train the tiny SD3 pipeline on the synthetic world, save it to ``out_dir`` and evaluate it.
 
     ``test_prompts``: world prompt records (``load_prompts`` of ``test.jsonl``) to evaluate on;
-    default: ``cfg.eval_prompts`` prompts of the test split. Also writes ``out_dir/pretrain.json``
-    (config and metrics). Deterministic in ``seed`` on CPU.
+    default: ``cfg.eval_prompts`` prompts of the test split. ``evaluation``: the sampler
+    (``num_steps``, ``guidance_scale``), ``batch_size`` and reward of the evaluation, exactly as
+    the trainer reads them; ``training_reward`` is what it scores when ``evaluation.reward`` is
+    None. The initial noise comes from ``seed``, at ``cfg.image_size``. Also writes
+    ``out_dir/pretrain.json`` (config, evaluation settings and metrics). Deterministic in
+    ``seed`` on CPU.
     """
-    records = _test_records(cfg, test_prompts)
+    records = _test_records(cfg, seed, test_prompts)
+    reward = evaluation.build_reward(training_reward)
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _pretrain(Path(out_dir), cfg, seed, records, progress)
+        result = _pretrain(Path(out_dir), cfg, seed, records, evaluation, reward, progress)
     finally:
         torch.set_num_threads(threads)
+    saved = {
+        "seed": seed,
+        "config": cfg.model_dump(),
+        "eval": evaluation.model_dump(),
+        "reward": training_reward.model_dump(),
+        "metrics": result.metrics(),
+    }
+    tmp = result.path / f".{METRICS_FILE}.tmp"
+    tmp.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(result.path / METRICS_FILE)
+    return result
 
 
 def _pretrain(
-    out_dir: Path, cfg: PretrainConfig, seed: int, records: list[dict[str, Any]], progress: bool
+    out_dir: Path,
+    cfg: PretrainConfig,
+    seed: int,
+    records: list[dict[str, Any]],
+    evaluation: EvalSection,
+    reward: RewardFunction,
+    progress: bool,
 ) -> PretrainResult:
     t_start = time.perf_counter()
     _seed_everything(seed)
@@ -459,15 +488,16 @@ def _pretrain(
     reloaded.set_progress_bar_config(disable=True)
 
     prompts = PromptSet([r["prompt"] for r in records], records)
-    reward = build_reward("verifiable")
+    # As the trainer evaluates (noise seed, sampler, batch size, resolution): the base reward is the
+    # training runs' epoch-0 evaluation reward.
     eval_kw = dict(
-        num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance_scale, seed=cfg.eval_seed,
-        batch_size=cfg.eval_batch_size,
+        num_steps=evaluation.num_steps, guidance_scale=evaluation.guidance_scale,
+        batch_size=evaluation.batch_size, seed=seed, resolution=cfg.image_size,
     )  # fmt: skip
     base = evaluate_prompts(reloaded, prompts, reward, **eval_kw)
     untrained = evaluate_prompts(build_tiny_sd3(world.VOCABULARY, model_cfg, seed), prompts, reward, **eval_kw)
 
-    result = PretrainResult(
+    return PretrainResult(
         path=out_dir,
         vae_test_mse=vae_test_mse,
         vae_recon_reward=vae_recon_reward,
@@ -486,10 +516,3 @@ def _pretrain(
         transformer_losses=tuple(transformer_losses),
         evaluation=base,
     )
-    tmp = out_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(
-        json.dumps({"seed": seed, "config": cfg.model_dump(), "metrics": result.metrics()}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    tmp.replace(out_dir / METRICS_FILE)
-    return result

@@ -8,7 +8,8 @@ Reads, for every variant, ``<runs_dir>/<variant>/metrics.json`` (written when a 
 - ``ablation.md``: a markdown table (variant, status, base reward, final eval reward, delta,
   the per-constraint eval rewards, the exported weights' reward, epochs, minutes); failed or missing variants are listed as
   failed with the reason below the table;
-- ``ablation.json``: the same table keyed by variant (for ``dvc metrics``); NaN becomes null;
+- ``ablation.json``: the same table keyed by variant; NaN becomes null. Not a DVC metric: ``dvc
+  metrics show`` lists each run's ``summary.json`` instead, one short row per run;
 - ``reward_vs_epoch.png``: train reward (rollout mean) and eval reward per epoch, per variant;
 - ``turning_rate_per_step.png``: the mean turning-point rate at each SDE step, per variant.
 

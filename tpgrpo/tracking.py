@@ -16,6 +16,18 @@ the *current directory*, so ``dvc exp`` temp copies and runs started from differ
 would scatter artifacts. When this module creates an experiment in a sqlite store it pins the
 experiment's artifact location to ``<directory of the db>/mlartifacts/<experiment slug>`` as an
 absolute ``file://`` URI. Experiments that already exist keep the location they were created with.
+
+The MLflow UI. Opening a run (:class:`MLflowTracker`) also readies its experiment for MLflow's
+web UI (:func:`prepare_experiment`): the experiment kind, a description, and the saved view
+"Key metrics" (a runs table with the :data:`KEY_METRICS` columns), each set when missing. These
+follow the UI of mlflow 3.17: its JavaScript reads saved views from the experiment tags
+``mlflow.sharedViewState.<id>`` and opens one with ``?viewStateShareKey=<id>``; whether an
+experiment opens on its runs or on GenAI traces follows the sidebar switch (``workflowType``,
+kept in the browser, ``genai`` by default) or the URL's ``workflowType``, not the experiment
+tag ``mlflow.experimentKind``, which is set all the same for versions that read it.
+:func:`ui_url` is the address that opens the key-metrics view. A training run is described by
+:func:`describe_run` and summarised by :func:`key_metrics`; :func:`describe_store` does both for
+runs logged before these existed.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Protocol, runtime_checkable
@@ -62,6 +75,32 @@ _BAD_NAME_CHARS = re.compile(r"[^\w/.\- ]")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 ARTIFACTS_DIRNAME = "mlartifacts"
+
+# Tags the MLflow UI reads (mlflow.utils.mlflow_tags and the UI's JavaScript).
+NOTE_TAG = "mlflow.note.content"  # the description of a run or an experiment (markdown)
+SOURCE_NAME_TAG = "mlflow.source.name"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning", not "GenAI apps & agents"
+SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+KEY_METRICS_VIEW = "key-metrics"
+TRAIN_REWARD_TAG = "train_reward"
+EVAL_REWARD_TAG = "eval_reward"
+
+# What a training run comes down to, logged once when it ends (at its last epoch), rounded so the
+# runs table shows them whole; the full values are in eval/reward and time/minutes.
+KEY_METRICS: dict[str, str] = {
+    "summary/eval_reward": "the final `eval/reward`",
+    "summary/eval_reward_change": "the final `eval/reward` minus the base model's (step 0)",
+    "summary/turning_rate": "`turning/rate` (the share of rollout steps that are turning points) averaged over epochs",
+    "summary/minutes": "training time in minutes",
+}
+_KEY_METRIC_DIGITS = {"summary/minutes": 1}
+
+# One-line glosses of the shape world's rewards for run descriptions.
+_REWARD_GLOSS = {
+    "verifiable": "strict: the fraction of the prompt's constraints met, GenEval-style",
+    "verifiable_soft": "graded: partial credit per constraint",
+}
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -352,7 +391,7 @@ class MLflowTracker(_ContextMixin):
         else:
             self.experiment_id = self._get_or_create_experiment(experiment)
             all_tags.setdefault("mlflow.user", _user())
-            all_tags.setdefault("mlflow.source.name", os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python")
+            all_tags.setdefault(SOURCE_NAME_TAG, entry_point())
             all_tags.setdefault("mlflow.source.type", "LOCAL")
             # create_run takes at most a batch of tags; the rest go in through set_tags.
             first = dict(list(all_tags.items())[:_PARAMS_TAGS_PER_BATCH])
@@ -374,7 +413,9 @@ class MLflowTracker(_ContextMixin):
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return self.client.create_experiment(name, artifact_location=default_artifact_location(self.uri, name))
+                return self.client.create_experiment(
+                    name, artifact_location=default_artifact_location(self.uri, name), tags=experiment_tags()
+                )
             except MlflowException as err:  # another process created it in the meantime
                 if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -386,6 +427,7 @@ class MLflowTracker(_ContextMixin):
                 f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
                 f"--experiment-id {exp.experiment_id}`) or choose another tracking.experiment"
             )
+        prepare_experiment(self.client, exp)
         return exp.experiment_id
 
     # -- the protocol
@@ -470,6 +512,328 @@ class MLflowTracker(_ContextMixin):
         return f"MLflowTracker(uri={self.uri!r}, experiment={self.experiment!r}, run_id={self.run_id!r})"
 
 
+# --------------------------------------------------------------------------- the MLflow UI
+
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def entry_point() -> str:
+    """What started this run, for MLflow's Source column (tag ``mlflow.source.name``).
+
+    Inside a Prefect flow run: the flow's file (``flows/ablation.py``, ``flows/training.py``),
+    since under a Prefect worker ``sys.argv[0]`` is Prefect's own engine. Otherwise the script or
+    command: a Python file of this project as its path from the project root
+    (``benchmarks/epoch_cost.py``), anything else by its file name (``tpgrpo``, ``pytest``).
+    """
+    path = _prefect_flow_file() or (sys.argv[0] if sys.argv else "")
+    if not path or path.startswith("-"):  # python -c / an interactive session
+        return "python"
+    file = Path(path).resolve()
+    name = file.parent.name if file.name == "__main__.py" else file.name  # python -m <package>
+    try:
+        relative = file.relative_to(_PROJECT_ROOT)
+    except ValueError:
+        return name
+    # The project's virtual environment (its console scripts, site-packages) is not the project.
+    if file.suffix != ".py" or "site-packages" in relative.parts or any(p.startswith(".") for p in relative.parts):
+        return name
+    return relative.as_posix()
+
+
+def _prefect_flow_file() -> str | None:
+    if "prefect" not in sys.modules:  # no flow can be running; importing Prefect takes seconds
+        return None
+    import inspect
+
+    from prefect.context import FlowRunContext
+
+    flow = getattr(FlowRunContext.get(), "flow", None)
+    fn = getattr(flow, "fn", None)
+    if fn is None:
+        return None
+    try:
+        return inspect.getsourcefile(fn)
+    except TypeError:  # a builtin or a function made at run time
+        return None
+
+
+def _column(kind: str, key: str) -> str:
+    """A runs-table column as the UI names it: ``metrics.`eval/reward```."""
+    return f"{kind}.`{key}`"
+
+
+def key_metrics_view() -> dict[str, Any]:
+    """The runs-table state of the "Key metrics" view: the :data:`KEY_METRICS` columns, then
+    the variant, credit mode, seed and the two reward names; other settings keep the UI's
+    defaults."""
+    columns = [_column("metrics", k) for k in KEY_METRICS]
+    columns += [_column("params", k) for k in ("credit.mode", "seed", "train.epochs")]
+    columns += [_column("tags", k) for k in ("variant", TRAIN_REWARD_TAG, EVAL_REWARD_TAG)]
+    return {"selectedColumns": columns}
+
+
+def _saved_view(name: str, state: Mapping[str, Any], created_ms: int) -> str:
+    # The UI's envelope: {name, createdAt, updatedAt, state}; state is the JSON text of the view.
+    return json.dumps({"name": name, "createdAt": created_ms, "updatedAt": created_ms, "state": json.dumps(state)})
+
+
+_EXPERIMENT_NOTE = (
+    "GRPO / TurningPoint-GRPO fine-tuning runs. In Runs, the view *Key metrics* shows what each run "
+    "came to (`summary/*`). `reward/*`: the training reward of the SDE rollouts; `eval/*`: the "
+    "evaluation reward of ODE samples of the test prompts (step 0: the base model). Each run's "
+    "description says which rewards these are."
+)
+
+
+def experiment_tags(now_ms: int | None = None) -> dict[str, str]:
+    """The experiment tags that set up the MLflow UI: kind, description, the key-metrics view."""
+    created = int(time.time() * 1000) if now_ms is None else now_ms
+    return {
+        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+        NOTE_TAG: _EXPERIMENT_NOTE,
+        SAVED_VIEW_TAG_PREFIX + KEY_METRICS_VIEW: _saved_view("Key metrics", key_metrics_view(), created),
+    }
+
+
+def prepare_experiment(client: "MlflowClient", experiment: Any) -> None:
+    """Give an existing experiment the tags of :func:`experiment_tags` it lacks; a kind or a
+    description set by someone else is kept, the key-metrics view is brought up to date. A tag
+    that cannot be written (a read-only store, a concurrent writer) is logged and skipped: the
+    run does not depend on it."""
+    from mlflow.exceptions import MlflowException
+
+    have = dict(experiment.tags or {})
+    wanted = experiment_tags()
+    view_tag = SAVED_VIEW_TAG_PREFIX + KEY_METRICS_VIEW
+    missing = {k: v for k, v in wanted.items() if k not in have}
+    if view_tag in have and _view_state(have[view_tag]) != key_metrics_view():
+        missing[view_tag] = wanted[view_tag]
+    for key, value in missing.items():
+        try:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+        except MlflowException as err:
+            _log.warning("MLflow experiment %s: could not set tag %s (%s)", experiment.experiment_id, key, err)
+
+
+def _view_state(envelope: str) -> Any:
+    try:
+        return json.loads(json.loads(envelope)["state"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def ui_url(uri: str, experiment: str, base: str = "http://127.0.0.1:5000") -> str | None:
+    """The address of the experiment's runs in ``mlflow ui`` (at ``base``), with the
+    key-metrics view and the "Model training" side of the UI; None when the store has no
+    such experiment."""
+    _import_mlflow()
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    return (
+        f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs"
+        f"?workflowType=machine_learning&viewStateShareKey={KEY_METRICS_VIEW}"
+    )
+
+
+def _param(params: Mapping[str, Any], key: str) -> str | None:
+    if key not in params:
+        return None
+    value = format_value(params[key])
+    return None if value == "null" else value
+
+
+def _reward_name(params: Mapping[str, Any], prefix: str) -> str | None:
+    name = _param(params, f"{prefix}.name")
+    if name == "multi":
+        weights = json.loads(_param(params, f"{prefix}.weights") or "{}")
+        return "multi (" + ", ".join(f"{k} {v:g}" for k, v in sorted(weights.items())) + ")"
+    return name
+
+
+def _reward_text(name: str) -> str:
+    gloss = _REWARD_GLOSS.get(name)
+    return f"`{name}` ({gloss})" if gloss else f"`{name}`"
+
+
+def describe_run(params: Mapping[str, Any], *, artifacts: bool = True) -> dict[str, str]:
+    """Tags that make a training run readable in the MLflow UI, from its parameters (the dotted
+    names of params.yaml and ``variant``, as the trainer logs them; values as logged or raw):
+
+    - ``mlflow.note.content``, the run's description: variant, credit mode, epochs and seed,
+      which reward ``reward/*`` and ``eval/*`` measure, and what the key metrics mean;
+    - ``train_reward`` / ``eval_reward``: the two rewards' names.
+
+    Parameters it does not find are left out of the text; ``artifacts``: list the files the
+    trainer logs (False for runs logged before it logged them all).
+    """
+    train = _reward_name(params, "reward") or "?"
+    evaluation = _reward_name(params, "eval.reward") or train
+    head = [f"**{_param(params, 'variant') or 'run'}**"]
+    if _param(params, "credit.mode"):
+        head.append(f"credit mode `{_param(params, 'credit.mode')}`")
+    if _param(params, "train.epochs"):
+        head.append(f"{_param(params, 'train.epochs')} epochs")
+    if _param(params, "seed"):
+        head.append(f"seed {_param(params, 'seed')}")
+    every = _param(params, "eval.every")
+    eval_line = (
+        f"- `eval/*`: the **evaluation reward** {_reward_text(evaluation)}"
+        + (" (the training reward)" if evaluation == train else "")
+        + " of deterministic ODE samples of the test prompts with the EMA weights"
+        + (f", every {every} epochs and after the last" if every else "")
+        + "; step 0 is the base model. `eval/reward` is its mean, `eval/<constraint>` its parts"
+    )
+    if evaluation != train:
+        eval_line += ", `eval/train_reward` the training reward of the same images"
+    if (_param(params, "eval.heldin_prompts") or "0") != "0":
+        eval_line += ", `eval/heldin_reward` the evaluation reward on the first train prompts"
+    lines = [
+        ", ".join(head) + ".",
+        "",
+        "Two rewards, two metric families:",
+        f"- `reward/*`: the **training reward** {_reward_text(train)} of the SDE rollouts the policy "
+        "is trained on, per epoch; `reward/mean` is its mean.",
+        eval_line + ".",
+        "",
+        "Key metrics, logged when training ends (rounded):",
+        *(f"- `{key}`: {meaning}" for key, meaning in KEY_METRICS.items()),
+    ]
+    if artifacts:
+        lines += [
+            "",
+            "Artifacts: `history.csv` (every metric per epoch), `metrics.json` (the final and the base "
+            "model's evaluation), `samples/` (each evaluation's images), `eval_scores/` (each "
+            "evaluation's per-prompt scores), `final/` (the trained weights).",
+        ]
+    return {NOTE_TAG: "\n".join(lines), TRAIN_REWARD_TAG: train, EVAL_REWARD_TAG: evaluation}
+
+
+def key_metrics(
+    eval_reward: float | None,
+    eval_reward_initial: float | None,
+    turning_rates: Sequence[float | None],
+    minutes: float,
+    credit_mode: str,
+) -> dict[str, float]:
+    """The :data:`KEY_METRICS` of a finished run: its final evaluation reward, the change from
+    the base model's, ``turning/rate`` averaged over the epochs that have it (under
+    ``turning_point`` credit only: other modes log it as 0), and its minutes. Values that
+    cannot be computed (no base-model evaluation, no turning rates) are left out."""
+    values: dict[str, float | None] = {
+        "summary/eval_reward": _finite(eval_reward),
+        "summary/eval_reward_change": None,
+        "summary/turning_rate": None,
+        "summary/minutes": _finite(minutes),
+    }
+    final, base = _finite(eval_reward), _finite(eval_reward_initial)
+    if final is not None and base is not None:
+        values["summary/eval_reward_change"] = final - base
+    rates = [r for r in (_finite(r) for r in turning_rates) if r is not None]
+    if rates and credit_mode == "turning_point":
+        values["summary/turning_rate"] = sum(rates) / len(rates)
+    return {k: round(v, _KEY_METRIC_DIGITS.get(k, 4)) for k, v in values.items() if v is not None}
+
+
+def describe_study(study: str, variants: Sequence[str], seeds: Sequence[int]) -> dict[str, str]:
+    """The description of an ablation's parent run."""
+    note = (
+        f"**Study {study}**: variants {', '.join(variants)} x seeds {', '.join(map(str, seeds))}. "
+        "Each training run is a child run of this one (expand this row in the runs table); "
+        "the comparison over seeds (report, plots) lands in this run's `study/` artifacts and its "
+        "metrics `study/<variant>/final_mean` and `final_std` (the final evaluation reward over seeds)."
+    )
+    return {NOTE_TAG: note}
+
+
+def describe_store(uri: str, experiment: str) -> int:
+    """Bring an existing store up to date with what runs log now: the experiment's UI tags
+    (:func:`prepare_experiment`), and for every training run (one with a ``credit.mode``
+    parameter) the tags of :func:`describe_run` where it has no description, and for a finished
+    run without them its :data:`KEY_METRICS`, computed from its metric history. Returns the
+    number of runs changed; TrackingError when the experiment does not exist."""
+    _import_mlflow()
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"tracking.experiment: no experiment {experiment!r} in {uri}")
+    prepare_experiment(client, exp)
+    changed = 0
+    for run in _all_runs(client, exp.experiment_id):
+        params, run_id = run.data.params, run.info.run_id
+        if "credit.mode" not in params:
+            continue
+        described = describe_run(params, artifacts=False)
+        tags = [] if NOTE_TAG in run.data.tags else [RunTag(k, v) for k, v in described.items()]
+        metrics = []
+        if run.info.status == "FINISHED" and not any(k in run.data.metrics for k in KEY_METRICS):
+            metrics = _key_metrics_from_history(client, run)
+        if tags or metrics:
+            client.log_batch(run_id, metrics=metrics, tags=tags)
+            changed += 1
+    return changed
+
+
+def _all_runs(client: "MlflowClient", experiment_id: str) -> Iterator[Any]:
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=500, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _key_metrics_from_history(client: "MlflowClient", run: Any) -> list[Any]:
+    from mlflow.entities import Metric
+
+    run_id = run.info.run_id
+
+    def history(key: str) -> list[Any]:
+        return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+    evals, minutes = history("eval/reward"), history("time/minutes")
+    if not evals or not minutes:
+        return []
+    base = evals[0].value if evals[0].step == 0 else None
+    rates = [m.value for m in history("turning/rate")]
+    values = key_metrics(evals[-1].value, base, rates, minutes[-1].value, run.data.params["credit.mode"])
+    step = max(evals[-1].step, minutes[-1].step)
+    return [Metric(k, v, minutes[-1].timestamp, step) for k, v in values.items()]
+
+
+def log_to_run(uri: str | None, run_id: str | None, paths: Sequence[str | Path], artifact_path: str | None = None) -> bool:
+    """Log files into an existing run as artifacts, leaving its status as it is (unlike resuming
+    it with :class:`MLflowTracker`): e.g. what ``tpgrpo evaluate`` writes next to a trained run.
+    Does nothing and returns False without a tracking URI or run id; TrackingError when the run
+    does not exist in the store, FileNotFoundError for a missing file."""
+    if not uri or not run_id:
+        return False
+    _import_mlflow()
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"tracking.uri: {uri} has no MLflow run {run_id}; expected the run that trained it") from None
+    files = [Path(p) for p in paths]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"log_to_run: {file} is not a file")
+    dest = _artifact_subpath(artifact_path) if artifact_path else None
+    for file in files:
+        client.log_artifact(run_id, str(file), artifact_path=dest)
+    return True
+
+
 def _check_writable_db(uri: str, db: Path) -> None:
     """Create the sqlite database's directory and file, or raise TrackingError in one line:
     MLflow itself retries opening an unwritable database for minutes, then raises a
@@ -504,15 +868,26 @@ def open_tracker(uri: str | None, experiment: str, *, is_main_process: bool, **k
 
 
 __all__ = [
+    "KEY_METRICS",
     "MLflowTracker",
     "NullTracker",
     "Tracker",
     "default_artifact_location",
+    "describe_run",
+    "describe_store",
+    "describe_study",
+    "entry_point",
+    "experiment_tags",
     "finishing",
     "flatten_params",
     "format_value",
+    "key_metrics",
+    "key_metrics_view",
+    "log_to_run",
     "open_tracker",
+    "prepare_experiment",
     "run_tags",
     "sanitize_name",
     "sqlite_db_path",
+    "ui_url",
 ]

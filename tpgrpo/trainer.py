@@ -45,6 +45,7 @@ from tpgrpo.checkpoint import (
     write_rank_state,
 )
 from tpgrpo.config import ExperimentConfig
+from tpgrpo.console import epoch_line, log, plural
 from tpgrpo.credit import assign_credit
 from tpgrpo.data import GroupPlan, PromptSet, epoch_batches, load_prompt_set
 from tpgrpo.ema import WeightEMA
@@ -56,7 +57,7 @@ from tpgrpo.rollout import Rollout, RolloutConfig, rollout
 from tpgrpo.runguard import RunLock, check_resume, run_config, write_run_config
 from tpgrpo.scoring import reward_sequence
 from tpgrpo.sde import sde_step
-from tpgrpo.tracking import NullTracker, Tracker
+from tpgrpo.tracking import NullTracker, Tracker, describe_run, key_metrics
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -626,11 +627,17 @@ class Trainer:
         started = time.perf_counter()
         if self.is_main:
             write_run_config(self.run_dir, self.run_config)
-        self.tracker.log_params({**self.cfg.flat(), "variant": self.variant})
+        params = {**self.cfg.flat(), "variant": self.variant}
+        self.tracker.log_params(params)
+        self.tracker.set_tags(describe_run(params))
+        if self.is_main:
+            log.info(self._start_line())
         if self.epoch == 0 and self.eval_initial is None:
             first = run_step("evaluate", 0, lambda: self.evaluate(0))
             self.eval_initial, self.eval_initial_details = first.reward, dict(first.details)
             self.tracker.log_metrics({"eval/reward": first.reward, **{f"eval/{k}": v for k, v in first.details.items()}}, step=0)
+            if self.is_main:
+                log.info(epoch_line(self.variant, 0, t.epochs, {"eval/reward": first.reward}, None) + " (the base model)")
         last_eval: EpochEval | None = None
         while self.epoch < t.epochs:
             epoch = self.epoch + 1
@@ -651,6 +658,10 @@ class Trainer:
             row["time/minutes"] = minutes
             self.history.append(row)
             self.tracker.log_metrics(row, step=epoch)
+            if self.is_main:
+                # Turning points exist only under turning-point credit; other modes log them as 0.
+                shown = row if self.cfg.credit.mode == "turning_point" else {k: v for k, v in row.items() if not k.startswith("turning/")}
+                log.info(epoch_line(self.variant, epoch, t.epochs, shown, self.eval_initial))
             if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
                 run_step("checkpoint", epoch, lambda: self.save_checkpoint(minutes))
             if out_of_time:
@@ -668,9 +679,23 @@ class Trainer:
             history=self.history,
             eval_details_initial=self.eval_initial_details,
         )
+        rates = [row.get("turning/rate") for row in self.history]
+        summary = key_metrics(result.eval_reward_final, result.eval_reward_initial, rates, result.minutes, self.cfg.credit.mode)
+        self.tracker.log_metrics(summary, step=self.epoch)
         run_step("finalize", self.epoch, lambda: self.write_outputs(result))
         self.executor.shutdown()
         return result
+
+    def _start_line(self) -> str:
+        c, s, e = self.cfg, self.cfg.sample, self.cfg.eval
+        where = f"resuming after epoch {self.epoch}" if self.epoch else "from the base model"
+        evaluated = len(self.test_set) if e.num_prompts is None else min(e.num_prompts, len(self.test_set))
+        eval_reward = c.reward.name if e.reward is None else e.reward.name
+        return (
+            f"{self.variant}: {plural(c.train.epochs, 'epoch')} of {plural(s.batches_per_epoch, 'batch')} x "
+            f"{s.batch_size} trajectories, {where}; credit {c.credit.mode}, train reward {c.reward.name}; "
+            f"eval reward {eval_reward} on {evaluated} test prompts every {plural(e.every, 'epoch')} -> {self.run_dir}"
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -776,9 +801,25 @@ class Trainer:
             **{f"eval_{k}_initial": v for k, v in result.eval_details_initial.items()},
         }
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        # The train stage's DVC metric: the same six keys for every run (None where a run has no
+        # such number), so `dvc metrics show` prints one short row per run; the per-constraint
+        # rewards stay in metrics.json.
+        base, final_reward = result.eval_reward_initial, result.eval_reward_final
+        rates = [row["turning/rate"] for row in result.history if math.isfinite(row.get("turning/rate", math.nan))]
+        summary = {
+            "base_reward": base,
+            "reward": final_reward,
+            "delta": None if base is None else final_reward - base,
+            "heldin_reward": result.eval_details.get("heldin_reward"),
+            "turning_rate": sum(rates) / len(rates) if rates else None,
+            "minutes": metrics["minutes"],
+        }
+        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         final = self.save_final_weights(self.run_dir / "final")
         self.tracker.log_artifact(final, None)
         self.tracker.log_artifact(self.run_dir / "metrics.json")
+        self.tracker.log_artifact(self.run_dir / "history.csv")
+        self.tracker.log_artifact(self.run_dir / "eval_scores")
 
     def save_final_weights(self, path: Path) -> Path:
         """The EMA weights in the format diffusers loads: LoRA layers for ``pipe.load_lora_weights``,
