@@ -87,7 +87,7 @@ def test_result_metrics(tiny_run):
     assert saved["metrics"]["reward_base"] == pytest.approx(tiny_run.reward_base)
 
 
-def test_cli_base_reward_is_the_training_runs_epoch_0_reward(tmp_path):
+def test_cli_base_reward_is_the_training_runs_epoch_0_reward(tmp_path, capsys):
     """`tpgrpo pretrain` evaluates as the trainer does (eval section, seed, eval reward): its
     reward_base is the trainer's evaluation of the same model before any update."""
     import yaml
@@ -115,6 +115,9 @@ def test_cli_base_reward_is_the_training_runs_epoch_0_reward(tmp_path):
     path.write_text(yaml.safe_dump(params))
 
     assert main(["pretrain", "--params", str(path), "--report", str(tmp_path / "base_model.json")]) == 0
+    # Off a terminal, progress is whole lines (a log file of `make demo` has no bar redraws).
+    err = capsys.readouterr().err
+    assert "\r" not in err and "pretrain transformer: " in err and "(100%)" in err, err
     reward_base = json.loads((tmp_path / "base_model.json").read_text())["reward_base"]
     epoch_0 = Trainer(load_config(path), variant="tp_grpo").evaluate(0)
     assert reward_base == pytest.approx(epoch_0.reward, rel=1e-6)

@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune the base model with GRPO for one variant (TP-GRPO, Flow-GRPO, ...).
 
     Writes runs/<variant>/ (or runs/<NAME>/ with --run-name NAME: checkpoints/, history.csv,
-    metrics.json, final/, samples/) and logs the run to MLflow. Resumes from the newest checkpoint
+    metrics.json, summary.json, final/, samples/) and logs the run to MLflow. Resumes from the newest checkpoint
     of that run directory unless --restart. Multi-GPU / multi-node: run it under `accelerate launch`.
     """
     # The configuration is checked before torch and diffusers load: a typo fails in a second.

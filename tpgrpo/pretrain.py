@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tpgrpo import world
 from tpgrpo.config import EvalSection, PretrainSection, RewardSection
+from tpgrpo.console import progress as progress_bar
 from tpgrpo.data import PromptSet
 from tpgrpo.ema import WeightEMA
 from tpgrpo.evaluate import EvalResult, evaluate_prompts
@@ -188,7 +188,7 @@ def train_vae(
         optimizer, lambda s: _lr_factor(s, cfg.vae_steps, warmup, 0.05)
     )
     losses: list[float] = []
-    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.vae_steps), "pretrain vae", enabled=progress)
     for _ in bar:
         idx = torch.randint(0, images_u8.shape[0], (cfg.vae_batch_size,), generator=generator)
         x = _to_vae_range(images_u8[idx])
@@ -312,7 +312,7 @@ def train_transformer(
     ema = WeightEMA(dict(transformer.named_parameters()), decay=cfg.ema_decay)
 
     losses: list[float] = []
-    bar = tqdm(range(cfg.transformer_steps), desc="transformer", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.transformer_steps), "pretrain transformer", enabled=progress)
     for step in bar:
         idx = torch.randint(0, latents.shape[0], (cfg.batch_size,), generator=generator)
         x0 = latents[idx]

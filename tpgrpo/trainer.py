@@ -785,7 +785,8 @@ class Trainer:
         self.nonfinite_streak = int(ckpt.meta.get("nonfinite_streak", 0))
 
     def write_outputs(self, result: TrainResult) -> None:
-        """history.csv, metrics.json and the final EMA weights (main process); then a barrier."""
+        """history.csv, metrics.json, summary.json and the final EMA weights (main process); then
+        a barrier."""
         if self.is_main:
             self._write_outputs(result)
         self.acc.wait_for_everyone()
