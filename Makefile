@@ -27,8 +27,8 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@echo
-	@echo "Ablation report: reports/ablation.md (plots: reports/*.png); base model samples: reports/base_model.png"
-	@echo "Compare runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then open http://127.0.0.1:5000)"
+	@echo "Report: reports/ablation.md (plots: reports/*.png); base model samples: reports/base_model.png"
+	@$(BIN)/python -c 'from tpgrpo.cli import mlflow_hint; from tpgrpo.config import load_config; print(mlflow_hint(load_config("params.yaml")))'
 
 test: setup
 	$(BIN)/python -m pytest

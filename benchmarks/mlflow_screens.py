@@ -149,12 +149,14 @@ def _newest_training_run(base: str, experiment_id: str) -> str | None:
 
 
 class DevTools:
-    """A page of a headless Chromium over the DevTools protocol: calls, and a count of the
-    network requests in flight."""
+    """A page of a headless Chromium over the DevTools protocol: calls, and the UI's API
+    requests (fetch / XHR) in flight. Other requests are not waited for: some never report an
+    end (the page's own document, MLflow's telemetry worker)."""
 
     def __init__(self, ws: Any) -> None:
         self.ws, self.next_id, self.pending = ws, 0, {}
         self.in_flight: set[str] = set()
+        self.finished = 0
         self.last_activity = time.monotonic()
 
     async def read(self) -> None:
@@ -165,9 +167,14 @@ class DevTools:
                 continue
             method, params = msg.get("method", ""), msg.get("params", {})
             if method == "Network.requestWillBeSent":
+                if params.get("type") not in ("Fetch", "XHR"):
+                    continue
                 self.in_flight.add(params["requestId"])
             elif method in ("Network.loadingFinished", "Network.loadingFailed"):
+                if params["requestId"] not in self.in_flight:
+                    continue
                 self.in_flight.discard(params["requestId"])
+                self.finished += 1
             else:
                 continue
             self.last_activity = time.monotonic()
@@ -182,14 +189,27 @@ class DevTools:
             raise RuntimeError(f"{method}: {msg['error']}")
         return msg.get("result", {})
 
-    async def settle(self, quiet: float, limit: float = 60.0) -> None:
-        """Wait until no request has been in flight for ``quiet`` seconds (at most ``limit``)."""
-        start = time.monotonic()
-        await asyncio.sleep(quiet)
+    async def goto(self, url: str, quiet: float, limit: float = 90.0) -> None:
+        """Open ``url`` and wait until the UI has made its API requests: at least one has
+        ended, none is in flight and none started or ended for ``quiet`` seconds (at most
+        ``limit`` seconds in all: the runs page keeps refreshing)."""
+        start, seen = time.monotonic(), self.finished
+        await self.call("Page.navigate", url=url)
         while time.monotonic() - start < limit:
-            if not self.in_flight and time.monotonic() - self.last_activity >= quiet:
-                return
             await asyncio.sleep(0.2)
+            if self.finished > seen and not self.in_flight and time.monotonic() - self.last_activity >= quiet:
+                return
+        print(f"{url}: still loading after {limit:.0f} s; shot as it is")
+
+    async def loaded(self, url: str) -> None:
+        """Open a page that is not the app (no API requests) and wait for its document."""
+        await self.call("Page.navigate", url=url)
+        for _ in range(300):
+            state = await self.call("Runtime.evaluate", expression="location.href + ' ' + document.readyState")
+            if state["result"]["value"] == f"{url} complete":
+                return
+            await asyncio.sleep(0.1)
+        raise SystemExit(f"{url} did not load")
 
 
 async def shoot(shots: list[Shot], base: str, quiet: float) -> None:
@@ -213,13 +233,11 @@ async def shoot(shots: list[Shot], base: str, quiet: float) -> None:
                     await page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=shot.height, deviceScaleFactor=1, mobile=False)
                     if shot.storage:
                         # A page of the same origin that is not the app, so the app starts afresh below.
-                        await page.call("Page.navigate", url=f"{base}/health")
-                        await page.settle(0.5)
+                        await page.loaded(f"{base}/health")
                         for key, value in shot.storage.items():
                             await page.call("Runtime.evaluate", expression=f"localStorage.setItem({json.dumps(key)}, {json.dumps(json.dumps(value))})")
-                    await page.call("Page.navigate", url="about:blank")
-                    await page.call("Page.navigate", url=shot.url)
-                    await page.settle(quiet)
+                    await page.loaded("about:blank")
+                    await page.goto(shot.url, quiet)
                     image = await page.call("Page.captureScreenshot", format="png")
                     shot.path.write_bytes(base64.b64decode(image["data"]))
                     where = (await page.call("Runtime.evaluate", expression="location.href"))["result"]["value"]

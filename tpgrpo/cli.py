@@ -215,7 +215,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         tmp.replace(out)
         save_grid(result, out.with_suffix(".png"))
         # The first samples at the model's resolution: what the README's diffusers snippet gives.
-        save_images(result, out.with_name(f"{out.stem}_images"))
+        images = save_images(result, out.with_name(f"{out.stem}_images"))
+        if args.variant:
+            _log_evaluation(cfg, args.variant, [out, out.with_suffix(".png")], images)
+
+
+def _log_evaluation(cfg: ExperimentConfig, variant: str, files: list[Path], images: list[Path]) -> None:
+    """Attach the evaluation's files to the MLflow run that trained the weights (artifacts under
+    ``evaluate/``). The evaluation stands without it: a missing run is a warning, not an error."""
+    from tpgrpo.errors import TrackingError
+    from tpgrpo.tracking import log_to_run
+    from tpgrpo.trainer import previous_run_id
+
+    run_id = previous_run_id(Path(cfg.runs_dir) / variant)
+    try:
+        log_to_run(cfg.tracking.uri, run_id, files, artifact_path="evaluate")
+        log_to_run(cfg.tracking.uri, run_id, images, artifact_path="evaluate/images")
+    except TrackingError as exc:
+        print(f"tpgrpo evaluate: warning: not logged to MLflow: {exc}", file=sys.stderr)
 
 
 def _evaluation_summary(summary: dict, details: dict[str, float]) -> str:
@@ -242,7 +259,17 @@ def cmd_report(args: argparse.Namespace) -> None:
         parent_run_id=args.parent_run_id,
     )
     print(report.markdown)
-    print(f"report: {report.markdown_path}; MLflow UI: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    print(f"report: {report.markdown_path}")
+    print(mlflow_hint(cfg))
+
+
+def mlflow_hint(cfg: ExperimentConfig) -> str:
+    """How to see the runs: the `mlflow ui` command and the address that opens the runs table
+    with its key metrics (MLflow's own first screen is its GenAI view)."""
+    from tpgrpo.tracking import ui_url
+
+    url = ui_url(cfg.tracking.uri, cfg.tracking.experiment) or "http://127.0.0.1:5000"
+    return f"MLflow: `mlflow ui --backend-store-uri {cfg.tracking.uri}`, then open {url}"
 
 
 def cmd_study(args: argparse.Namespace) -> None:

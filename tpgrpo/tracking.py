@@ -338,6 +338,14 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / ARTIFACTS_DIRNAME / slug).as_uri()
 
 
+class MissingRunError(TrackingError):
+    """The run to resume is not in the store (another ``tracking.uri``, a deleted database)."""
+
+    def __init__(self, run_id: str, uri: str):
+        self.run_id, self.uri = run_id, uri
+        super().__init__(f"MLflow run {run_id} is not in {uri}")
+
+
 class MLflowTracker(_ContextMixin):
     """One MLflow run, addressed by id through its own :class:`mlflow.MlflowClient`.
 
@@ -364,6 +372,7 @@ class MLflowTracker(_ContextMixin):
     ) -> None:
         _import_mlflow()
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.uri = uri
         self.experiment = experiment
@@ -380,7 +389,10 @@ class MLflowTracker(_ContextMixin):
             all_tags[PARENT_RUN_TAG] = parent_run_id
 
         if run_id is not None:
-            run = self.client.get_run(run_id)  # raises if the run does not exist
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException:
+                raise MissingRunError(run_id, uri) from None
             self.run_id: str | None = run.info.run_id
             self.experiment_id = run.info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
@@ -564,13 +576,18 @@ def _column(kind: str, key: str) -> str:
 
 
 def key_metrics_view() -> dict[str, Any]:
-    """The runs-table state of the "Key metrics" view: the :data:`KEY_METRICS` columns, then
-    the variant, credit mode, seed and the two reward names; other settings keep the UI's
-    defaults."""
-    columns = [_column("metrics", k) for k in KEY_METRICS]
-    columns += [_column("params", k) for k in ("credit.mode", "seed", "train.epochs")]
-    columns += [_column("tags", k) for k in ("variant", TRAIN_REWARD_TAG, EVAL_REWARD_TAG)]
-    return {"selectedColumns": columns}
+    """The runs-table state of the "Key metrics" view: after the run's duration the
+    :data:`KEY_METRICS` columns in their order, then the credit mode, seed and epochs, the
+    variant and the two reward names, each wide enough for its name; other settings keep the
+    UI's defaults."""
+    keys = [("metrics", k) for k in KEY_METRICS]
+    keys += [("params", k) for k in ("credit.mode", "seed", "train.epochs")]
+    keys += [("tags", k) for k in ("variant", TRAIN_REWARD_TAG, EVAL_REWARD_TAG)]
+    columns = [_column(kind, key) for kind, key in keys]
+    # The table's order and widths apply to the columns listed; the others would move to the
+    # end, so "duration" (the column's id in the UI) keeps its place.
+    widths = {_column(kind, key): max(110, 8 * len(key) + 24) for kind, key in keys}
+    return {"selectedColumns": columns, "columnOrder": ["duration", *columns], "columnWidths": widths}
 
 
 def _saved_view(name: str, state: Mapping[str, Any], created_ms: int) -> str:
@@ -579,20 +596,20 @@ def _saved_view(name: str, state: Mapping[str, Any], created_ms: int) -> str:
 
 
 _EXPERIMENT_NOTE = (
-    "GRPO / TurningPoint-GRPO fine-tuning runs. In Runs, the view *Key metrics* shows what each run "
-    "came to (`summary/*`). `reward/*`: the training reward of the SDE rollouts; `eval/*`: the "
-    "evaluation reward of ODE samples of the test prompts (step 0: the base model). Each run's "
-    "description says which rewards these are."
+    "Model-training runs (GRPO / TurningPoint-GRPO fine-tuning): if MLflow shows GenAI traces, "
+    "switch the sidebar to **Model training**; in Runs, the view **Key metrics** shows what each "
+    "run came to (`summary/*`). `reward/*`: the training reward of the SDE rollouts; `eval/*`: "
+    "the evaluation reward of ODE samples of the test prompts (step 0: the base model). Each "
+    "run's description names both rewards."
 )
 
 
-def experiment_tags(now_ms: int | None = None) -> dict[str, str]:
+def experiment_tags() -> dict[str, str]:
     """The experiment tags that set up the MLflow UI: kind, description, the key-metrics view."""
-    created = int(time.time() * 1000) if now_ms is None else now_ms
     return {
         EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
         NOTE_TAG: _EXPERIMENT_NOTE,
-        SAVED_VIEW_TAG_PREFIX + KEY_METRICS_VIEW: _saved_view("Key metrics", key_metrics_view(), created),
+        SAVED_VIEW_TAG_PREFIX + KEY_METRICS_VIEW: _saved_view("Key metrics", key_metrics_view(), int(time.time() * 1000)),
     }
 
 
@@ -659,7 +676,9 @@ def _reward_text(name: str) -> str:
     return f"`{name}` ({gloss})" if gloss else f"`{name}`"
 
 
-def describe_run(params: Mapping[str, Any], *, artifacts: bool = True) -> dict[str, str]:
+def describe_run(
+    params: Mapping[str, Any], summary: Mapping[str, float] | None = None, *, artifacts: bool = True
+) -> dict[str, str]:
     """Tags that make a training run readable in the MLflow UI, from its parameters (the dotted
     names of params.yaml and ``variant``, as the trainer logs them; values as logged or raw):
 
@@ -667,8 +686,9 @@ def describe_run(params: Mapping[str, Any], *, artifacts: bool = True) -> dict[s
       which reward ``reward/*`` and ``eval/*`` measure, and what the key metrics mean;
     - ``train_reward`` / ``eval_reward``: the two rewards' names.
 
-    Parameters it does not find are left out of the text; ``artifacts``: list the files the
-    trainer logs (False for runs logged before it logged them all).
+    Parameters it does not find are left out of the text. ``summary``: the run's
+    :func:`key_metrics` once it has them, stated under the first line; ``artifacts``: list the
+    files the trainer logs (False for runs logged before it logged them all).
     """
     train = _reward_name(params, "reward") or "?"
     evaluation = _reward_name(params, "eval.reward") or train
@@ -691,8 +711,10 @@ def describe_run(params: Mapping[str, Any], *, artifacts: bool = True) -> dict[s
         eval_line += ", `eval/train_reward` the training reward of the same images"
     if (_param(params, "eval.heldin_prompts") or "0") != "0":
         eval_line += ", `eval/heldin_reward` the evaluation reward on the first train prompts"
-    lines = [
-        ", ".join(head) + ".",
+    lines = [", ".join(head) + "."]
+    if summary:
+        lines += ["", "Result: " + "; ".join(_summary_text(summary)) + "."]
+    lines += [
         "",
         "Two rewards, two metric families:",
         f"- `reward/*`: the **training reward** {_reward_text(train)} of the SDE rollouts the policy "
@@ -710,6 +732,19 @@ def describe_run(params: Mapping[str, Any], *, artifacts: bool = True) -> dict[s
             "evaluation's per-prompt scores), `final/` (the trained weights).",
         ]
     return {NOTE_TAG: "\n".join(lines), TRAIN_REWARD_TAG: train, EVAL_REWARD_TAG: evaluation}
+
+
+def _summary_text(summary: Mapping[str, float]) -> list[str]:
+    parts = []
+    if "summary/eval_reward" in summary:
+        parts.append(f"evaluation reward **{summary['summary/eval_reward']:.4f}**")
+    if "summary/eval_reward_change" in summary:
+        parts.append(f"**{summary['summary/eval_reward_change']:+.4f}** from the base model")
+    if "summary/turning_rate" in summary:
+        parts.append(f"turning rate {summary['summary/turning_rate']:.4f}")
+    if "summary/minutes" in summary:
+        parts.append(f"{summary['summary/minutes']:.1f} minutes")
+    return parts
 
 
 def key_metrics(
@@ -766,16 +801,17 @@ def describe_store(uri: str, experiment: str) -> int:
     prepare_experiment(client, exp)
     changed = 0
     for run in _all_runs(client, exp.experiment_id):
-        params, run_id = run.data.params, run.info.run_id
+        params = run.data.params
         if "credit.mode" not in params:
             continue
-        described = describe_run(params, artifacts=False)
-        tags = [] if NOTE_TAG in run.data.tags else [RunTag(k, v) for k, v in described.items()]
         metrics = []
         if run.info.status == "FINISHED" and not any(k in run.data.metrics for k in KEY_METRICS):
             metrics = _key_metrics_from_history(client, run)
+        summary = {m.key: m.value for m in metrics} or {k: v for k, v in run.data.metrics.items() if k in KEY_METRICS}
+        described = describe_run(params, summary, artifacts=False)
+        tags = [] if NOTE_TAG in run.data.tags else [RunTag(k, v) for k, v in described.items()]
         if tags or metrics:
-            client.log_batch(run_id, metrics=metrics, tags=tags)
+            client.log_batch(run.info.run_id, metrics=metrics, tags=tags)
             changed += 1
     return changed
 
@@ -870,6 +906,7 @@ def open_tracker(uri: str | None, experiment: str, *, is_main_process: bool, **k
 __all__ = [
     "KEY_METRICS",
     "MLflowTracker",
+    "MissingRunError",
     "NullTracker",
     "Tracker",
     "default_artifact_location",

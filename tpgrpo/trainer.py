@@ -49,7 +49,7 @@ from tpgrpo.console import epoch_line, log, plural
 from tpgrpo.credit import assign_credit
 from tpgrpo.data import GroupPlan, PromptSet, epoch_batches, load_prompt_set
 from tpgrpo.ema import WeightEMA
-from tpgrpo.errors import ModelLoadError, RewardError, TrainingError, UserError
+from tpgrpo.errors import ModelLoadError, RewardError, TrackingError, TrainingError, UserError
 from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
 from tpgrpo.loss import grpo_loss
 from tpgrpo.models import ManagedAdapter, check_family, load_adapter
@@ -682,6 +682,7 @@ class Trainer:
         rates = [row.get("turning/rate") for row in self.history]
         summary = key_metrics(result.eval_reward_final, result.eval_reward_initial, rates, result.minutes, self.cfg.credit.mode)
         self.tracker.log_metrics(summary, step=self.epoch)
+        self.tracker.set_tags(describe_run(params, summary))
         run_step("finalize", self.epoch, lambda: self.write_outputs(result))
         self.executor.shutdown()
         return result
@@ -806,7 +807,9 @@ class Trainer:
         # such number), so `dvc metrics show` prints one short row per run; the per-constraint
         # rewards stay in metrics.json.
         base, final_reward = result.eval_reward_initial, result.eval_reward_final
-        rates = [row["turning/rate"] for row in result.history if math.isfinite(row.get("turning/rate", math.nan))]
+        # Only turning-point credit has turning points; other modes log the rate as 0.
+        turning = self.cfg.credit.mode == "turning_point"
+        rates = [row["turning/rate"] for row in result.history if turning and math.isfinite(row.get("turning/rate", math.nan))]
         summary = {
             "base_reward": base,
             "reward": final_reward,
@@ -819,6 +822,7 @@ class Trainer:
         final = self.save_final_weights(self.run_dir / "final")
         self.tracker.log_artifact(final, None)
         self.tracker.log_artifact(self.run_dir / "metrics.json")
+        self.tracker.log_artifact(self.run_dir / "summary.json")
         self.tracker.log_artifact(self.run_dir / "history.csv")
         self.tracker.log_artifact(self.run_dir / "eval_scores")
 
@@ -913,17 +917,23 @@ def _train_locked(
     tags: dict[str, str] | None,
     run_step: StepRunner,
 ) -> RunOutcome:
-    from tpgrpo.tracking import finishing, open_tracker, run_tags
+    from tpgrpo.tracking import MissingRunError, finishing, open_tracker, run_tags
 
-    tracker = open_tracker(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        is_main_process=acc.is_main_process,
-        run_name=name,
-        run_id=previous_run_id(run_dir),
-        parent_run_id=parent_run_id,
-        tags={**run_tags(variant or name), **(tags or {})},
-    )
+    try:
+        tracker = open_tracker(
+            cfg.tracking.uri,
+            cfg.tracking.experiment,
+            is_main_process=acc.is_main_process,
+            run_name=name,
+            run_id=previous_run_id(run_dir),
+            parent_run_id=parent_run_id,
+            tags={**run_tags(variant or name), **(tags or {})},
+        )
+    except MissingRunError as exc:
+        raise TrackingError(
+            f"{run_dir}: its MLflow run {exc.run_id} is not in {exc.uri} (another tracking.uri, or a deleted "
+            "store); set tracking.uri to the store it was logged to, or pass --restart to train it again"
+        ) from None
     threads = torch.get_num_threads()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
