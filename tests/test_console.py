@@ -49,6 +49,7 @@ def test_epoch_line_worked_by_hand() -> None:
 
 def test_plural() -> None:
     assert [console.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert [console.plural(n, "batch", "batches") for n in (1, 2)] == ["1 batch", "2 batches"]
 
 
 def test_progress_off_a_terminal_is_a_few_whole_lines(captured: io.StringIO) -> None:

@@ -274,9 +274,9 @@ def test_ablation_trains_children_and_compares(prefect_api, assets: Path, tmp_pa
 
     # Logs: every task names its run, epoch and figures; the trainer's epoch line reaches the UI.
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogWorker
 
-    APILogHandler.flush()
+    APILogWorker.drain_all(timeout=30)
     child_flow_run = children["tp_grpo"].data.tags[FLOW_RUN_TAG]
     with get_client(sync_client=True) as prefect:
         logs = [r.message for r in prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[child_flow_run])))]

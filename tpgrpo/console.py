@@ -97,6 +97,6 @@ def epoch_line(name: str, epoch: int, epochs: int, row: Mapping[str, float], eva
     return " | ".join(parts)
 
 
-def plural(n: int, word: str) -> str:
-    """``1 epoch``, ``3 epochs``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 epoch``, ``3 epochs``; ``many`` for the irregular (``batch``, ``batches``)."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"

@@ -693,7 +693,7 @@ class Trainer:
         evaluated = len(self.test_set) if e.num_prompts is None else min(e.num_prompts, len(self.test_set))
         eval_reward = c.reward.name if e.reward is None else e.reward.name
         return (
-            f"{self.variant}: {plural(c.train.epochs, 'epoch')} of {plural(s.batches_per_epoch, 'batch')} x "
+            f"{self.variant}: {plural(c.train.epochs, 'epoch')} of {plural(s.batches_per_epoch, 'batch', 'batches')} x "
             f"{s.batch_size} trajectories, {where}; credit {c.credit.mode}, train reward {c.reward.name}; "
             f"eval reward {eval_reward} on {evaluated} test prompts every {plural(e.every, 'epoch')} -> {self.run_dir}"
         )
@@ -807,9 +807,7 @@ class Trainer:
         # such number), so `dvc metrics show` prints one short row per run; the per-constraint
         # rewards stay in metrics.json.
         base, final_reward = result.eval_reward_initial, result.eval_reward_final
-        # Only turning-point credit has turning points; other modes log the rate as 0.
-        turning = self.cfg.credit.mode == "turning_point"
-        rates = [row["turning/rate"] for row in result.history if turning and math.isfinite(row.get("turning/rate", math.nan))]
+        rates = [row["turning/rate"] for row in result.history if math.isfinite(row.get("turning/rate", math.nan))]
         summary = {
             "base_reward": base,
             "reward": final_reward,
