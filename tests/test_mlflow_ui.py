@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from tpgrpo.errors import TrackingError
+from tpgrpo.summary import KEYS as SUMMARY_KEYS
+from tpgrpo.summary import run_summary
 from tpgrpo.tracking import (
     EVAL_REWARD_TAG,
     EXPERIMENT_KIND,
@@ -172,17 +174,27 @@ def test_run_description_when_evaluation_uses_the_training_reward():
     assert "`eval/train_reward`" not in tags[NOTE_TAG] and "`eval/heldin_reward`" not in tags[NOTE_TAG]
 
 
-def test_key_metrics_by_hand():
-    # 0.55 - 0.5 = 0.05; turning rates (0.1 + 0.2 + 0.3) / 3 = 0.2, NaN and None skipped; 4.56 min -> 4.6.
+def test_run_summary_and_key_metrics_by_hand():
+    # 0.55 - 0.5 = 0.05; turning rates (0.1 + 0.2 + 0.3) / 3 = 0.2, NaN and None skipped.
     rates = [0.1, float("nan"), 0.2, None, 0.3]
-    assert key_metrics(0.55, 0.5, rates, 4.56, "turning_point") == {
+    summary = run_summary(0.55, 0.5, rates, 4.56, heldin_reward=0.61)
+    assert list(summary) == list(SUMMARY_KEYS)
+    assert summary == pytest.approx(
+        {"base_reward": 0.5, "reward": 0.55, "delta": 0.05, "heldin_reward": 0.61, "turning_rate": 0.2, "minutes": 4.56}
+    )
+    # Rounded for the runs table: 4 digits, minutes 1 (4.56 -> 4.6).
+    assert key_metrics(summary) == {
         "summary/eval_reward": 0.55,
         "summary/eval_reward_change": 0.05,
         "summary/turning_rate": 0.2,
         "summary/minutes": 4.6,
     }
-    # Other credit modes log turning rates as 0: no turning rate. No base evaluation: no change.
-    assert key_metrics(0.123456, None, rates, 1.0, "outcome") == {"summary/eval_reward": 0.1235, "summary/minutes": 1.0}
+    # No base evaluation: no change; no finite turning rate, no held-in evaluation: None.
+    bare = run_summary(0.123456, None, [float("nan")], 1.0)
+    assert bare == {"base_reward": None, "reward": 0.123456, "delta": None, "heldin_reward": None, "turning_rate": None, "minutes": 1.0}
+    assert key_metrics(bare) == {"summary/eval_reward": 0.1235, "summary/minutes": 1.0}
+    # Flow-GRPO logs a turning rate of 0 every epoch: none of its steps is credited as one.
+    assert run_summary(0.5, 0.4, [0.0, 0.0], 1.0)["turning_rate"] == 0.0
 
 
 def test_study_description():
@@ -279,7 +291,8 @@ def _old_run(client, experiment_id, mode, status="FINISHED", base=True):
     params = [Param(k, v) for k, v in {**PARAMS, "credit.mode": mode}.items()]
     metrics = [Metric("eval/reward", 0.40, 0, 0)] if base else [Metric("eval/reward", 0.42, 0, 1)]
     metrics += [Metric("eval/reward", 0.45, 2, 2), Metric("eval/reward", 0.50, 1, 2)]
-    metrics += [Metric("turning/rate", r, 0, s) for s, r in ((1, 0.1), (2, 0.3))]
+    rates = (0.1, 0.3) if mode == "turning_point" else (0.0, 0.0)  # other modes log 0
+    metrics += [Metric("turning/rate", r, 0, s) for s, r in zip((1, 2), rates)]
     metrics += [Metric("time/minutes", m, 0, s) for s, m in ((1, 1.0), (2, 2.04))]
     client.log_batch(run.info.run_id, metrics=metrics, params=params)
     client.set_terminated(run.info.run_id, status=status)
@@ -303,7 +316,7 @@ def test_describe_store_fixes_runs_logged_before(store):
         "summary/turning_rate": 0.2,
         "summary/minutes": 2.0,
     }
-    assert "summary/turning_rate" not in client.get_run(outcome).data.metrics
+    assert client.get_run(outcome).data.metrics["summary/turning_rate"] == 0.0
     assert "summary/eval_reward_change" not in client.get_run(no_base).data.metrics
     assert client.get_run(no_base).data.metrics["summary/eval_reward"] == 0.45
     assert "Result: evaluation reward **0.4500**" in client.get_run(tp).data.tags[NOTE_TAG]

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Protocol, run
 from urllib.parse import unquote
 
 from tpgrpo.errors import TrackingError
+from tpgrpo.summary import run_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -91,7 +92,7 @@ EVAL_REWARD_TAG = "eval_reward"
 KEY_METRICS: dict[str, str] = {
     "summary/eval_reward": "the final `eval/reward`",
     "summary/eval_reward_change": "the final `eval/reward` minus the base model's (step 0)",
-    "summary/turning_rate": "`turning/rate` (the share of rollout steps that are turning points) averaged over epochs",
+    "summary/turning_rate": "`turning/rate` (the share of rollout steps credited as turning points; 0 without turning-point credit) averaged over epochs",
     "summary/minutes": "training time in minutes",
 }
 _KEY_METRIC_DIGITS = {"summary/minutes": 1}
@@ -747,29 +748,15 @@ def _summary_text(summary: Mapping[str, float]) -> list[str]:
     return parts
 
 
-def key_metrics(
-    eval_reward: float | None,
-    eval_reward_initial: float | None,
-    turning_rates: Sequence[float | None],
-    minutes: float,
-    credit_mode: str,
-) -> dict[str, float]:
-    """The :data:`KEY_METRICS` of a finished run: its final evaluation reward, the change from
-    the base model's, ``turning/rate`` averaged over the epochs that have it (under
-    ``turning_point`` credit only: other modes log it as 0), and its minutes. Values that
-    cannot be computed (no base-model evaluation, no turning rates) are left out."""
-    values: dict[str, float | None] = {
-        "summary/eval_reward": _finite(eval_reward),
-        "summary/eval_reward_change": None,
-        "summary/turning_rate": None,
-        "summary/minutes": _finite(minutes),
+def key_metrics(summary: Mapping[str, float | None]) -> dict[str, float]:
+    """The :data:`KEY_METRICS` of a finished run, from its :func:`tpgrpo.summary.run_summary`,
+    rounded; those the run has no value for are left out."""
+    values = {
+        "summary/eval_reward": summary.get("reward"),
+        "summary/eval_reward_change": summary.get("delta"),
+        "summary/turning_rate": summary.get("turning_rate"),
+        "summary/minutes": summary.get("minutes"),
     }
-    final, base = _finite(eval_reward), _finite(eval_reward_initial)
-    if final is not None and base is not None:
-        values["summary/eval_reward_change"] = final - base
-    rates = [r for r in (_finite(r) for r in turning_rates) if r is not None]
-    if rates and credit_mode == "turning_point":
-        values["summary/turning_rate"] = sum(rates) / len(rates)
     return {k: round(v, _KEY_METRIC_DIGITS.get(k, 4)) for k, v in values.items() if v is not None}
 
 
@@ -839,7 +826,7 @@ def _key_metrics_from_history(client: "MlflowClient", run: Any) -> list[Any]:
         return []
     base = evals[0].value if evals[0].step == 0 else None
     rates = [m.value for m in history("turning/rate")]
-    values = key_metrics(evals[-1].value, base, rates, minutes[-1].value, run.data.params["credit.mode"])
+    values = key_metrics(run_summary(evals[-1].value, base, rates, minutes[-1].value))
     step = max(evals[-1].step, minutes[-1].step)
     return [Metric(k, v, minutes[-1].timestamp, step) for k, v in values.items()]
 

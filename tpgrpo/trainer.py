@@ -56,6 +56,7 @@ from tpgrpo.models import ManagedAdapter, check_family, load_adapter
 from tpgrpo.rollout import Rollout, RolloutConfig, rollout
 from tpgrpo.runguard import RunLock, check_resume, run_config, write_run_config
 from tpgrpo.scoring import reward_sequence
+from tpgrpo.summary import run_summary
 from tpgrpo.sde import sde_step
 from tpgrpo.tracking import NullTracker, Tracker, describe_run, key_metrics
 
@@ -137,6 +138,17 @@ class TrainResult:
     minutes: float
     history: list[dict[str, float]] = field(repr=False)
     eval_details_initial: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, float | None]:
+        """The run's six summary numbers (:func:`tpgrpo.summary.run_summary`)."""
+        return run_summary(
+            self.eval_reward_final,
+            self.eval_reward_initial,
+            [row.get("turning/rate") for row in self.history],
+            round(self.minutes, 3),
+            self.eval_details.get("heldin_reward"),
+        )
 
 
 StepRunner = Callable[[str, int, Callable[[], Any]], Any]
@@ -679,8 +691,7 @@ class Trainer:
             history=self.history,
             eval_details_initial=self.eval_initial_details,
         )
-        rates = [row.get("turning/rate") for row in self.history]
-        summary = key_metrics(result.eval_reward_final, result.eval_reward_initial, rates, result.minutes, self.cfg.credit.mode)
+        summary = key_metrics(result.summary)
         self.tracker.log_metrics(summary, step=self.epoch)
         self.tracker.set_tags(describe_run(params, summary))
         run_step("finalize", self.epoch, lambda: self.write_outputs(result))
@@ -803,20 +814,9 @@ class Trainer:
             **{f"eval_{k}_initial": v for k, v in result.eval_details_initial.items()},
         }
         _atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        # The train stage's DVC metric: the same six keys for every run (None where a run has no
-        # such number), so `dvc metrics show` prints one short row per run; the per-constraint
-        # rewards stay in metrics.json.
-        base, final_reward = result.eval_reward_initial, result.eval_reward_final
-        rates = [row["turning/rate"] for row in result.history if math.isfinite(row.get("turning/rate", math.nan))]
-        summary = {
-            "base_reward": base,
-            "reward": final_reward,
-            "delta": None if base is None else final_reward - base,
-            "heldin_reward": result.eval_details.get("heldin_reward"),
-            "turning_rate": sum(rates) / len(rates) if rates else None,
-            "minutes": metrics["minutes"],
-        }
-        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        # The train stage's DVC metric: the same six keys for every run, so `dvc metrics show`
+        # prints one short row per run; the per-constraint rewards stay in metrics.json.
+        _atomic_write(self.run_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
         final = self.save_final_weights(self.run_dir / "final")
         self.tracker.log_artifact(final, None)
         self.tracker.log_artifact(self.run_dir / "metrics.json")
