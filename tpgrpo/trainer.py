@@ -841,12 +841,19 @@ class Trainer:
                     transformer_lora_layers=get_peft_model_state_dict(self.transformer),
                     # The LoRA config (alpha above all) travels in the file: without it diffusers
                     # assumes alpha = rank and applies the update at rank / alpha of its strength.
-                    transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+                    transformer_lora_adapter_metadata=lora_metadata(self.transformer.peft_config["default"].to_dict()),
                 )
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
         return path
+
+
+def lora_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA config as the exported file's metadata, with its sets (peft keeps
+    ``target_modules`` as one) as sorted lists: a set's order changes with each process's string
+    hashing, which would give identical weights a new file, and a new DVC hash, on every run."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
 def _run_now(fn: Callable[..., Any], *args: Any) -> Future:
