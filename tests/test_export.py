@@ -43,3 +43,27 @@ def test_lora_metadata_is_the_same_in_every_process() -> None:
 def test_lora_metadata_keeps_everything_else() -> None:
     config = {"r": 4, "lora_alpha": 8.0, "target_modules": {"b", "a"}, "layers_to_transform": None, "alpha_pattern": {}}
     assert lora_metadata(config) == {"r": 4, "lora_alpha": 8.0, "target_modules": ["a", "b"], "layers_to_transform": None, "alpha_pattern": {}}
+
+
+def test_safetensors_header_is_canonical(tmp_path) -> None:
+    """safetensors writes its metadata map in a fresh hash order for every file: the same tensors
+    and metadata give different bytes until the header is sorted."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from tpgrpo.checkpoint import canonical_safetensors_header
+
+    tensors = {"b.weight": torch.arange(6.0).view(2, 3), "a.weight": torch.ones(4, dtype=torch.float16)}
+    metadata = {"format": "pt", **{f"key_{i}": json.dumps({"value": i, "text": "ä\n"}) for i in range(6)}}
+    paths = [tmp_path / f"{i}.safetensors" for i in range(6)]
+    for path in paths:
+        save_file(tensors, str(path), metadata=metadata)
+    assert len({p.read_bytes() for p in paths}) > 1
+    for path in paths:
+        canonical_safetensors_header(path)
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == metadata
+    loaded = load_file(str(paths[0]))
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())

@@ -362,6 +362,27 @@ def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     _fsync(path)
 
 
+def canonical_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header with its keys sorted, in place.
+
+    safetensors serialises the ``__metadata__`` map in the order of a Rust HashMap, which is
+    seeded anew for every map: a file with two or more metadata entries (a diffusers LoRA export:
+    ``format`` and the adapter's config) comes out in a different byte order each time, identical
+    weights and all. The sorted header has the same length (the same entries, serialised the
+    same compact way) and the tensor data is untouched, so every offset still holds.
+    """
+    path = Path(path)
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # a serialisation this function does not reproduce: leave the file
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
+
+
 def _write_json(path: Path, doc: Any, *, allow_nan: bool = False) -> None:
     text = json.dumps(doc, allow_nan=allow_nan, indent=1)
     with open(path, "w", encoding="utf-8") as f:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from tpgrpo.advantages import group_advantages, local_rows
 from tpgrpo.checkpoint import (
     begin_checkpoint,
+    canonical_safetensors_header,
     capture_rng_state,
     commit_checkpoint,
     latest_checkpoint,
@@ -843,6 +844,7 @@ class Trainer:
                     # assumes alpha = rank and applies the update at rank / alpha of its strength.
                     transformer_lora_adapter_metadata=lora_metadata(self.transformer.peft_config["default"].to_dict()),
                 )
+                canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
