@@ -55,7 +55,8 @@ import torch
 from torch import Tensor
 
 from tpgrpo.config import ExperimentConfig, config_from_dict, read_yaml_mapping
-from tpgrpo.trainer import EpochCredit, EpochSamples, Trainer
+from tpgrpo.steps import EpochCredit, EpochSamples
+from tpgrpo.trainer import Trainer
 
 # mode -> the params.yaml variant whose credit and advantage sections define it
 MODES: dict[str, str] = {
@@ -250,11 +251,11 @@ def batch_gradients(trainer: Trainer, samples: EpochSamples, credit: EpochCredit
     """The policy gradient of each rollout batch alone, as one training step would accumulate it
     (mean over the batch's kept rows and the window's steps), flattened over the trainable
     parameters in their order."""
-    params = list(trainer.trainable.values())
-    trainer.ddp_transformer.train()  # as Trainer.update runs the backward passes
+    params = list(trainer.policy.trainable.values())
+    trainer.policy.ddp_transformer.train()  # as Trainer.update runs the backward passes
     rows, clipped = [], []
     for batch, adv, keep in zip(samples.batches, credit.advantages, credit.keep):
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.policy.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         trainer._accumulate(batch, adv, keep, int(keep.sum()), terms, sync=True)
         # A parameter the loss does not reach keeps grad None: its gradient is zero.
@@ -263,7 +264,7 @@ def batch_gradients(trainer: Trainer, samples: EpochSamples, credit: EpochCredit
             for p in params
         ]))
         clipped.append(terms["clip_fraction"])
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.policy.optimizer.zero_grad(set_to_none=True)
     return BatchGradients(torch.stack(rows), clipped)
 
 
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.executor.shutdown()
 
     cfg, s = rollout_cfg, rollout_cfg.sample
-    n_params = sum(p.numel() for p in trainer.trainable.values())
+    n_params = sum(p.numel() for p in trainer.policy.trainable.values())
     cosines = cosine_matrix(torch.stack(list(pooled.values())))
     names = list(results)
 

@@ -43,7 +43,7 @@ def main() -> None:
     n = len(batch.prompts)
     # balance_scope "process": turning points are balanced within each process's rows.
     pools = torch.arange(len(prompts_all)) // n if cfg.credit.balance_scope == "process" else None
-    expected = group_advantages(assign_credit(R_all.double(), cfg.credit.to_credit_config(), pools=pools).rewards, prompts_all).advantages
+    expected = group_advantages(assign_credit(R_all.double(), cfg.credit.to_credit_config(), pools=pools).rewards, batch.indices).advantages
     mine = expected[acc.process_index * n : (acc.process_index + 1) * n].float()
     report = {
         "rank": acc.process_index,
@@ -51,14 +51,14 @@ def main() -> None:
         "matches_gathered": bool(torch.allclose(credit.advantages[0].cpu(), mine, atol=1e-6)),
         "local_only_differs": bool(
             not torch.allclose(
-                group_advantages(assign_credit(scores.R[0].cpu().double(), cfg.credit.to_credit_config()).rewards, batch.prompts).advantages.float(),
+                group_advantages(assign_credit(scores.R[0].cpu().double(), cfg.credit.to_credit_config()).rewards, batch.indices[acc.process_index * n : (acc.process_index + 1) * n]).advantages.float(),
                 mine,
                 atol=1e-6,
             )
         ),
     }
     trainer.update(samples, credit)
-    save_file(trainer.trainable_state(), str(out / f"rank{acc.process_index}.safetensors"))
+    save_file(trainer.policy.trainable_state(), str(out / f"rank{acc.process_index}.safetensors"))
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
     acc.wait_for_everyone()
 

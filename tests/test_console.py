@@ -98,7 +98,7 @@ def test_config_errors_come_before_torch(command: str) -> None:
 def test_evaluation_summary_is_readable() -> None:
     from tpgrpo.cli import _evaluation_summary
 
-    text = _evaluation_summary({"model": "tp_grpo", "reward": 0.52771, "prompts": 256}, {"color": 0.755859375, "background": 1.0})
+    text = _evaluation_summary("tp_grpo", 0.52771, 256, {"color": 0.755859375, "background": 1.0})
     assert text == "tp_grpo: eval reward 0.5277 on 256 test prompts\n  color       0.7559\n  background  1.0000"
 
 

@@ -8,6 +8,7 @@ pretrained for a few steps, one training epoch per variant); then the real `dvc`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from conftest import tiny_workspace  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 # What runs/<variant>/summary.json holds, for every run: no per-constraint rewards (they stay in
 # metrics.json), so the rows of `dvc metrics show` share their columns.
-SUMMARY_KEYS = ["base_reward", "reward", "delta", "heldin_reward", "turning_rate", "minutes"]
+SUMMARY_KEYS = ["base_reward", "reward", "delta", "heldin_reward", "turning_rate"]
 TINY_PRETRAIN = {
     "num_train_images": 64, "vae_steps": 3, "vae_batch_size": 8, "vae_test_images": 8,
     "transformer_steps": 3, "batch_size": 8, "warmup_steps": 1,
@@ -44,10 +45,13 @@ def _expand(text: str, item: str | None) -> str:
     return text if item is None else text.replace("${item}", item)
 
 
-def _declared(variants: list[str], kind: str) -> list[str]:
-    """The paths of ``kind`` (outs, metrics or plots) that dvc.yaml declares, ``${item}`` expanded."""
+def _declared(variants: list[str], kind: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """The paths of ``kind`` (outs, metrics or plots) that dvc.yaml declares, ``${item}`` expanded,
+    but those of the stages in ``skip``."""
     paths = []
-    for stage in _stages().values():
+    for name, stage in _stages().items():
+        if name in skip:
+            continue
         body = stage.get("do", stage)
         for item in _items(stage, variants):
             for entry in body.get(kind, []):
@@ -68,8 +72,6 @@ def _dvc(args: list[str], cwd: Path, **env: str) -> str:
 def workspace(tmp_path_factory, tiny_pipe) -> tuple[Path, list[str]]:
     """A tiny workspace where every stage of dvc.yaml after `prepare` has run its command, and a
     DVC repository (no git) with the project's dvc.yaml; returns it and the variants."""
-    from tpgrpo.cli import main
-
     root = tmp_path_factory.mktemp("dvc-tables")
     # Held-in prompts, so every key of the summary has a value to check.
     params = tiny_workspace(
@@ -84,20 +86,39 @@ def workspace(tmp_path_factory, tiny_pipe) -> tuple[Path, list[str]]:
         raw[section][key] = str(root / path)
     params.write_text(yaml.safe_dump(raw))
     variants = raw["pipeline"]["variants"]
+    _run_stages(root, variants)
+    shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
+    _dvc(["init", "--no-scm", "-q"], root)
+    shutil.copy2(ROOT / ".dvcignore", root / ".dvcignore")
+    return root, variants
+
+
+def _run_stages(root: Path, variants: list[str]) -> None:
+    """Every stage's command after `prepare` (tiny_workspace wrote the prompt sets), in order."""
+    from tpgrpo.cli import main
+
     cwd = Path.cwd()
     os.chdir(root)  # the stages' relative paths (reports/, runs/<variant>/eval.json) land here
     try:
         for name, stage in _stages().items():
-            if name == "prepare":  # tiny_workspace wrote the prompt sets
+            if name == "prepare":
                 continue
             for item in _items(stage, variants):
                 argv = _expand(stage.get("do", stage)["cmd"], item).split()
                 assert argv[0] == "tpgrpo" and main(argv[1:]) == 0, argv
     finally:
         os.chdir(cwd)
-    shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
-    _dvc(["init", "--no-scm", "-q"], root)
-    return root, variants
+
+
+def _digest(path: Path, ignored: set[str]) -> dict[str, str]:
+    """Relative file path -> sha256 of every file of ``path`` (a file or a directory), without the
+    names .dvcignore leaves out of DVC's hashes."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {
+        str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in files
+        if f.name not in ignored
+    }
 
 
 @pytest.mark.slow
@@ -111,7 +132,7 @@ def test_every_declared_output_metric_and_plot_is_written(workspace: tuple[Path,
 
 
 @pytest.mark.slow
-def test_each_run_summary_has_the_six_keys_and_agrees_with_metrics_json(workspace: tuple[Path, list[str]]) -> None:
+def test_each_run_summary_has_the_five_keys_and_agrees_with_metrics_json(workspace: tuple[Path, list[str]]) -> None:
     import csv
 
     root, variants = workspace
@@ -127,9 +148,39 @@ def test_each_run_summary_has_the_six_keys_and_agrees_with_metrics_json(workspac
         assert summary["delta"] == metrics["eval_reward"] - metrics["eval_reward_initial"]
         assert summary["heldin_reward"] == metrics["eval_heldin_reward"]
         assert summary["turning_rate"] == pytest.approx(sum(rates) / len(rates), abs=1e-12)
-        assert summary["minutes"] == metrics["minutes"]
+        # Wall-clock time is in timing.csv (and MLflow), not in a DVC output.
+        assert "minutes" not in metrics and not [c for c in rates_columns(run) if c.startswith("time/")]
+        with (run / "timing.csv").open() as f:
+            assert {"epoch", "time/rollout_s", "time/update_s", "time/minutes"} <= set(next(csv.reader(f)))
         # Nothing is lost: the per-constraint rewards, before and after, stay in metrics.json.
         assert {"eval_color", "eval_color_initial", "eval_count", "epochs"} <= set(metrics)
+
+
+def rates_columns(run: Path) -> list[str]:
+    with (run / "history.csv").open() as f:
+        return f.readline().strip().split(",")
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_stages_give_byte_identical_dvc_outputs(workspace: tuple[Path, list[str]]) -> None:
+    """What DVC hashes is the same for two runs of one commit: every declared output, after DVC's
+    own removal of the outputs and a rerun of every stage; wall-clock times and MLflow run ids
+    live in files .dvcignore leaves out, and DVC confirms it ignores them."""
+    root, variants = workspace
+    ignored = {line.strip() for line in (ROOT / ".dvcignore").read_text().splitlines() if line.strip() and "/" not in line and not line.startswith("#")}
+    assert {"timing.csv", "timing.json", "tracking.json"} <= ignored
+    for name in (f"runs/{variants[0]}/timing.csv", f"runs/{variants[0]}/tracking.json", "models/base/timing.json"):
+        assert (root / name).is_file(), name
+        _dvc(["check-ignore", "-q", name], root)
+    # The prompt sets are tiny_workspace's, not `tpgrpo prepare`'s: inputs here.
+    declared = sorted({p for kind in ("outs", "metrics", "plots") for p in _declared(variants, kind, skip=("prepare",))})
+    first = {p: _digest(root / p, ignored) for p in declared}
+    for p in declared:
+        shutil.rmtree(root / p) if (root / p).is_dir() else (root / p).unlink()
+    _run_stages(root, variants)
+    second = {p: _digest(root / p, ignored) for p in declared}
+    assert all(first[p] for p in declared)
+    assert [p for p in declared if first[p] != second[p]] == []
 
 
 @pytest.mark.slow

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from tpgrpo.trainer import lora_metadata
+from tpgrpo.policy import lora_metadata
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj"]
 # peft's config dict (target_modules a set) and the exported metadata, as JSON, in one process.
 SCRIPT = f"""
 import json
 from peft import LoraConfig
-from tpgrpo.trainer import lora_metadata
+from tpgrpo.policy import lora_metadata
 config = LoraConfig(r=4, lora_alpha=8, target_modules={TARGETS!r}).to_dict()
 print(json.dumps(config, default=list))
 print(json.dumps(lora_metadata(config)))

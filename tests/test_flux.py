@@ -268,9 +268,9 @@ def test_trainer_runs_unchanged_on_flux(flux_saved, tmp_path):
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     })
     trainer = Trainer(cfg, variant="tp_grpo")
-    before = {k: v.clone() for k, v in trainer.trainable_state().items()}
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state().items()}
     assert trainer.fit().epochs == 1
-    after = trainer.trainable_state()
+    after = trainer.policy.trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # The exported LoRA loads into a plain FluxPipeline, as diffusers users load it.
     pipe = FluxPipeline.from_pretrained(flux_saved)

@@ -177,24 +177,24 @@ def test_run_description_when_evaluation_uses_the_training_reward():
 def test_run_summary_and_key_metrics_by_hand():
     # 0.55 - 0.5 = 0.05; turning rates (0.1 + 0.2 + 0.3) / 3 = 0.2, NaN and None skipped.
     rates = [0.1, float("nan"), 0.2, None, 0.3]
-    summary = run_summary(0.55, 0.5, rates, 4.56, heldin_reward=0.61)
+    summary = run_summary(0.55, 0.5, rates, heldin_reward=0.61)
     assert list(summary) == list(SUMMARY_KEYS)
     assert summary == pytest.approx(
-        {"base_reward": 0.5, "reward": 0.55, "delta": 0.05, "heldin_reward": 0.61, "turning_rate": 0.2, "minutes": 4.56}
+        {"base_reward": 0.5, "reward": 0.55, "delta": 0.05, "heldin_reward": 0.61, "turning_rate": 0.2}
     )
     # Rounded for the runs table: 4 digits, minutes 1 (4.56 -> 4.6).
-    assert key_metrics(summary) == {
+    assert key_metrics(summary, 4.56) == {
         "summary/eval_reward": 0.55,
         "summary/eval_reward_change": 0.05,
         "summary/turning_rate": 0.2,
         "summary/minutes": 4.6,
     }
     # No base evaluation: no change; no finite turning rate, no held-in evaluation: None.
-    bare = run_summary(0.123456, None, [float("nan")], 1.0)
-    assert bare == {"base_reward": None, "reward": 0.123456, "delta": None, "heldin_reward": None, "turning_rate": None, "minutes": 1.0}
-    assert key_metrics(bare) == {"summary/eval_reward": 0.1235, "summary/minutes": 1.0}
+    bare = run_summary(0.123456, None, [float("nan")])
+    assert bare == {"base_reward": None, "reward": 0.123456, "delta": None, "heldin_reward": None, "turning_rate": None}
+    assert key_metrics(bare, 1.0) == {"summary/eval_reward": 0.1235, "summary/minutes": 1.0}
     # Flow-GRPO logs a turning rate of 0 every epoch: none of its steps is credited as one.
-    assert run_summary(0.5, 0.4, [0.0, 0.0], 1.0)["turning_rate"] == 0.0
+    assert run_summary(0.5, 0.4, [0.0, 0.0])["turning_rate"] == 0.0
 
 
 def test_study_description():

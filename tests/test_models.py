@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from tpgrpo.models import (
     ModelAdapter,
@@ -249,6 +249,24 @@ def test_timesteps_match_pipeline_and_leave_scheduler_alone(pipe, adapter):
     assert torch.equal(pipe.scheduler.sigmas, expected[1])  # untouched by adapter.timesteps
     five = adapter.timesteps(5)
     assert torch.equal(five.timesteps, expected[0]) and torch.equal(five.sigmas, expected[1])
+
+
+def test_dynamic_shift_schedule_matches_pipeline_and_grows_with_the_image(pipe):
+    # The tiny SD3 (like SD3.5) has a fixed shift; SD3 checkpoints with dynamic shifting take mu
+    # from the image token count, the computation the SD3 and FLUX adapters share.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256
+    )
+    dynamic = StableDiffusion3Pipeline(**{**pipe.components, "scheduler": scheduler})
+    dynamic.set_progress_bar_config(disable=True)
+    adapter = SD3Adapter(dynamic)
+    _run_pipe(dynamic, adapter.prepare_latents(3), steps=5)
+    schedule = adapter.timesteps(5)
+    assert torch.equal(schedule.timesteps, dynamic.scheduler.timesteps)
+    assert torch.equal(schedule.sigmas, dynamic.scheduler.sigmas)
+    # Four times the image tokens, a larger mu: the same step count is shifted towards noise.
+    small, large = adapter.timesteps(3, 32, 32), adapter.timesteps(3, 64, 64)
+    assert (large.sigmas[1:-1] > small.sigmas[1:-1]).all()
 
 
 def test_guided_velocity_is_one_batched_forward_of_both_branches(adapter):

@@ -16,18 +16,7 @@ import torch
 
 import tpgrpo.checkpoint as ckpt_mod
 from tpgrpo.advantages import group_advantages
-from tpgrpo.checkpoint import (
-    begin_checkpoint,
-    capture_rng_state,
-    commit_checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    write_main_state,
-    write_rank_state,
-)
+from tpgrpo.checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, load_checkpoint, write_main_state
 from tpgrpo.rewards import RewardOutput
 from tpgrpo.scoring import reward_sequence
 
@@ -37,15 +26,20 @@ from conftest import trainer_config  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _keep_global_rng():
-    """Checkpointing captures the global RNGs and the trainer reseeds torch; put them back."""
-    state = capture_rng_state()
-    yield
-    restore_rng_state(state)
+    """The trainer reseeds torch's global RNG; put it back for the tests that follow."""
+    with torch.random.fork_rng(devices=[]):
+        yield
 
 
 # ------------------------------------------------------------------ 1. scoring: prompt pairing
 
 PROMPT_WEIGHT = {"a red cube": 1.0, "two blue balls": 10.0, "a green cone": 100.0}
+
+
+def _keys(names: list[str]) -> torch.Tensor:
+    """Group keys from names (the trainer passes prompt indices)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(n, len(index)) for n in names], dtype=torch.long)
 
 
 def _prompt_dependent_reward(images, prompts, metadata):
@@ -94,7 +88,7 @@ def test_advantage_clip_bounds_a_large_negative_outlier():
     # One group of 10: nine rewards of 0 and one of -1. mean = -0.1, population std = 0.3.
     # Outlier: (-1 + 0.1) / (0.3 + 1e-4) = -2.99900 -> clipped to -2. The others: 0.1 / 0.3001.
     rewards = torch.tensor([[0.0]] * 9 + [[-1.0]], dtype=torch.float64)
-    out = group_advantages(rewards, ["p"] * 10, clip_max=2.0)
+    out = group_advantages(rewards, _keys(["p"] * 10), clip_max=2.0)
     expected = torch.tensor([[0.1 / 0.3001]] * 9 + [[-2.0]], dtype=torch.float64)
     torch.testing.assert_close(out.advantages, expected, rtol=0, atol=1e-12)
     assert out.advantages.min().item() == -2.0
@@ -103,7 +97,7 @@ def test_advantage_clip_bounds_a_large_negative_outlier():
     rewards = torch.tensor(
         [[0.0, 5.0]] * 9 + [[-1.0, -5.0]] + [[0.0, 0.0]] * 9 + [[1.0, 0.0]], dtype=torch.float64
     )
-    out = group_advantages(rewards, ["a"] * 10 + ["b"] * 10, clip_max=1.5)
+    out = group_advantages(rewards, _keys(["a"] * 10 + ["b"] * 10), clip_max=1.5)
     # Group a, step 2: nine 5s and one -5: mean 4, std 3 -> (5-4)/3.0001 and (-5-4)/3.0001 = -3 -> -1.5.
     assert out.advantages[9, 0].item() == -1.5 and out.advantages[9, 1].item() == -1.5
     assert out.advantages[0, 1].item() == pytest.approx(1 / 3.0001, abs=1e-12)
@@ -114,30 +108,22 @@ def test_advantage_clip_bounds_a_large_negative_outlier():
 # ------------------------------------------------------------------ 3. checkpoint durability
 
 
-def _full_save(root: Path, epoch: int, *, keep: int | None = 2, value: float | None = None) -> Path:
-    """A checkpoint with every kind of file: weights, EMA, optimizer, an extra state, meta, RNG."""
-    v = float(epoch) if value is None else value
+def _full_save(root: Path, epoch: int, *, keep: int = 2) -> Path:
+    """A checkpoint with every kind of file: weights, EMA, optimizer, meta."""
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
-    return save_checkpoint(
-        root,
-        epoch=epoch,
-        weights={"w": torch.full((4,), v)},
-        ema={"w": torch.full((4,), v + 0.5)},
-        optimizer_state_dict=opt.state_dict(),
-        extra_states={"scheduler": sched.state_dict()},
-        meta={"tag": epoch},
-        keep=keep,
-    )
+    tmp = begin_checkpoint(root, epoch)
+    weights, ema = {"w": torch.full((4,), float(epoch))}, {"w": torch.full((4,), epoch + 0.5)}
+    write_main_state(tmp, epoch=epoch, weights=weights, ema=ema, optimizer_state_dict=opt.state_dict(), meta={"tag": epoch})
+    return commit_checkpoint(tmp, world_size=1, keep=keep)
 
 
 def test_every_checkpoint_file_and_directory_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
     """Guards: a dropped fsync in the checkpoint writer (``_fsync(path)`` in _write_safetensors,
-    ``os.fsync`` in _write_json, the staging dir's ``_fsync`` in commit_checkpoint, the root's
-    after the rename, the pointer's), after which a power cut can leave a "complete" checkpoint
+    ``os.fsync`` in _write, the staging dir's ``_fsync`` in commit_checkpoint, the root's after
+    the rename, the pointer's), after which a power cut can leave a "complete" checkpoint
     (manifest present, renamed into place) whose files are empty or missing."""
     root = tmp_path / "ckpts"
     _full_save(root, 1)  # a previous checkpoint, so the pointer is replaced, not created
@@ -170,11 +156,7 @@ def test_every_checkpoint_file_and_directory_is_fsynced_before_it_is_published(t
     synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}
 
     files = sorted(p.name for p in final.iterdir())
-    assert files == [
-        "ema.safetensors", "manifest.json", "meta.json", "optimizer.json", "optimizer.safetensors",
-        "rng-rank0.json", "rng-rank0.safetensors", "state-scheduler.json", "state-scheduler.safetensors",
-        "weights.safetensors",
-    ]
+    assert files == ["ema.safetensors", "manifest.json", "meta.json", "optimizer.json", "optimizer.safetensors", "weights.safetensors"]
     not_synced = [name for name in files if os.path.join(tmp_real, name) not in synced_before]
     assert not_synced == [], f"not fsynced before the rename that publishes the checkpoint: {not_synced}"
     # The staging directory (its entries) after the last file (the manifest) was written.
@@ -201,7 +183,7 @@ class _Crash(BaseException):
 
 @pytest.mark.parametrize("where", ["publish-rename", "root-fsync", "pointer-fsync", "pointer-replace"])
 def test_crash_anywhere_in_commit_keeps_the_previous_checkpoint_loadable(tmp_path, monkeypatch, where):
-    """Guards: commit_checkpoint / _prune removing the previous checkpoint before the new one is
+    """Guards: commit_checkpoint pruning the previous checkpoint before the new one is
     committed (renamed into place and named by the ``latest`` pointer). With keep=1 the previous
     checkpoint is the only complete one until the pointer moves; a crash at any point of the
     commit must leave it loadable through latest_checkpoint + load_checkpoint."""
@@ -210,7 +192,6 @@ def test_crash_anywhere_in_commit_keeps_the_previous_checkpoint_loadable(tmp_pat
     assert latest_checkpoint(root) == prev
 
     tmp = begin_checkpoint(root, 2)
-    write_rank_state(tmp, 0, capture_rng_state())
     write_main_state(tmp, epoch=2, weights={"w": torch.full((4,), 2.0)}, meta={"tag": 2})
     final = root / "epoch-000002"
     real_rename, real_replace, real_fsync = os.rename, os.replace, os.fsync
@@ -247,11 +228,11 @@ def test_crash_anywhere_in_commit_keeps_the_previous_checkpoint_loadable(tmp_pat
     assert loaded.epoch == 1 and loaded.meta == {"tag": 1}
     assert torch.equal(loaded.weights["w"], torch.full((4,), 1.0))
     assert torch.equal(loaded.ema["w"], torch.full((4,), 1.5))
-    assert loaded.optimizer is not None and "scheduler" in loaded.extra_states
+    assert loaded.optimizer is not None
 
     # The next save (the resumed run redoing epoch 2) commits and only then drops epoch 1.
     again = _full_save(root, 2, keep=1)
-    assert latest_checkpoint(root) == again and list_checkpoints(root) == [again]
+    assert latest_checkpoint(root) == again and sorted(root.iterdir()) == [again, root / "latest"]
     assert load_checkpoint(again).meta == {"tag": 2}
 
 
@@ -290,9 +271,9 @@ def test_full_finetuning_kl_reference_is_the_frozen_base_model(trainer_workspace
 
     def velocities():
         with torch.no_grad():
-            with trainer._reference() as reference:
+            with trainer.policy.reference_model() as reference:
                 v_ref = reference(x, text, pooled, t).sample
-            return v_ref, trainer.transformer(x, text, pooled, t).sample
+            return v_ref, trainer.policy.transformer(x, text, pooled, t).sample
 
     with torch.no_grad():
         v_base = base(x, text, pooled, t).sample
@@ -306,19 +287,19 @@ def test_full_finetuning_kl_reference_is_the_frozen_base_model(trainer_workspace
     samples = trainer.rollout(0)
     credit = trainer.credit(samples, trainer.score(samples))
     assert all(k.any() for k in credit.keep)
-    before = trainer.trainable_state()
+    before = trainer.policy.trainable_state()
     first = trainer.update(samples, credit).metrics
     # Every step of the one batch ran before the optimizer step, so the trained and the reference
     # weights are equal: the KL is 0 (measured: exactly 0.0; the bound allows the copy's rounding
     # above on other platforms, and is ten orders of magnitude below the moved weights' KL).
     print("loss/kl at the start:", first["loss/kl"])
     assert 0.0 <= first["loss/kl"] < 1e-10
-    after = trainer.trainable_state()
+    after = trainer.policy.trainable_state()
     assert any(not torch.equal(before[n], after[n]) for n in before), "the update did not move the weights"
 
     # Move the trained weights further, well away from the base model.
     with torch.no_grad():
-        for p in trainer.trainable.values():
+        for p in trainer.policy.trainable.values():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     v_ref, v_trained = velocities()
     torch.testing.assert_close(v_ref, v_base, **close, msg="the KL reference is not the base model")

@@ -24,7 +24,7 @@ from tpgrpo.cli import COMMANDS, main
 from tpgrpo.config import config_from_dict, load_config, merge_preset, parse_yaml
 from tpgrpo.errors import ConfigError, ModelLoadError
 from tpgrpo.models import ManagedAdapter, TinyFluxConfig, build_tiny_flux, load_adapter, save_pipeline
-from tpgrpo.rollout import RolloutConfig, rollout
+from tpgrpo.rollout import RolloutConfig, rollout, rollout_config
 from tpgrpo.trainer import Trainer
 from tpgrpo.world import VOCABULARY
 
@@ -461,17 +461,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(workspace: Pat
     for checkpointing in (False, True):
         cfg = _cfg(workspace, f"runs-gc-{checkpointing}", **{"train.gradient_checkpointing": checkpointing})
         trainer = Trainer(cfg, variant="v")
-        assert trainer.transformer.is_gradient_checkpointing is checkpointing
-        ro = rollout(trainer.adapter, PROMPTS, trainer.rollout_config(), generator=torch.Generator().manual_seed(0))
+        assert trainer.policy.transformer.is_gradient_checkpointing is checkpointing
+        ro = rollout(trainer.policy.adapter, PROMPTS, rollout_config(trainer.cfg), generator=torch.Generator().manual_seed(0))
         rows = torch.arange(len(PROMPTS))
         block_calls = []
         # A pre-hook: the recomputation stops early, once it has what the backward needs.
-        hook = trainer.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1))
-        trainer.ddp_transformer.train()
-        out = trainer._step_loss(ro, rows, 1, ro.embeds, torch.tensor([1.0, -0.5, 0.25, -1.0]))
+        hook = trainer.policy.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1))
+        trainer.policy.ddp_transformer.train()
+        out = trainer.updater.step_loss(ro, rows, 1, ro.embeds, torch.tensor([1.0, -0.5, 0.25, -1.0]))
         out.loss.backward()
         hook.remove()
-        grads = {n: p.grad.clone() for n, p in trainer.trainable.items() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in trainer.policy.trainable.items() if p.grad is not None}
         results.append((out.loss.detach(), grads, len(block_calls)))
     (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results
     assert (calls_a, calls_b) == (1, 2)  # checkpointing recomputes the block in the backward pass
@@ -489,7 +489,7 @@ def test_memory_options_train_like_without_them(workspace: Path) -> None:
     a, b = plain.fit(), managed.fit()
     # Rollouts (before the update) are exact; the update differs by checkpointing's rounding.
     assert a.history[0]["reward/mean"] == b.history[0]["reward/mean"]
-    after_a, after_b = plain.trainable_state(), managed.trainable_state()
+    after_a, after_b = plain.policy.trainable_state(), managed.policy.trainable_state()
     for name in after_a:
         torch.testing.assert_close(after_b[name], after_a[name], rtol=0, atol=1e-6, msg=name)
     assert b.eval_reward_final == pytest.approx(a.eval_reward_final, abs=1e-5)
@@ -499,6 +499,6 @@ def test_mixed_precision_keeps_trainable_weights_float32(workspace: Path, fresh_
     cfg = _cfg(workspace, "runs-bf16", **{"model.dtype": "bfloat16", "train.mixed_precision": "bf16"})
     trainer = Trainer(cfg, variant="v")
     assert trainer.acc.mixed_precision == "bf16"
-    assert {p.dtype for p in trainer.trainable.values()} == {torch.float32}
-    assert trainer.transformer.proj_out.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.policy.trainable.values()} == {torch.float32}
+    assert trainer.policy.transformer.proj_out.weight.dtype == torch.bfloat16
     assert trainer.fit().epochs == 1

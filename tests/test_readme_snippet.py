@@ -19,7 +19,9 @@ from tpgrpo.evaluate import evaluate_prompts, save_images
 from tpgrpo.models import build_tiny_sd3, save_pipeline
 from tpgrpo.models.sd3 import SD3Adapter
 from tpgrpo.pretrain import tiny_config
-from tpgrpo.trainer import Trainer, load_model
+from tpgrpo.policy import load_model
+from tpgrpo.rewards import reward_from_section
+from tpgrpo.trainer import Trainer
 from tpgrpo.world import VOCABULARY, write_prompt_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +96,10 @@ def workspace(tmp_path_factory):
     # does not load it fails.
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in trainer.transformer.named_parameters():
+        for name, param in trainer.policy.transformer.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.2)
-    trainer.save_final_weights(Path(cfg.runs_dir) / VARIANT / "final")
+    trainer.policy.save_final_weights(Path(cfg.runs_dir) / VARIANT / "final")
     return root, cfg
 
 
@@ -112,7 +114,7 @@ def _evaluation(cfg):
     return evaluate_prompts(
         adapter,
         load_prompt_set(Path(cfg.data.dir) / "test.jsonl"),
-        e.build_reward(cfg.reward),
+        reward_from_section(e.reward or cfg.reward),
         num_steps=e.num_steps,
         guidance_scale=e.guidance_scale,
         batch_size=e.batch_size,

@@ -18,7 +18,7 @@ from conftest import trainer_config  # noqa: E402
 
 
 def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return trainer.trainable_state()
+    return trainer.policy.trainable_state()
 
 
 def test_two_epochs_update_lora_and_log_to_mlflow(trainer_workspace: Path) -> None:
@@ -51,15 +51,15 @@ def test_two_epochs_update_lora_and_log_to_mlflow(trainer_workspace: Path) -> No
 
     loaded = load_pipeline(trainer_workspace / "base")
     loaded.load_lora_weights(out / "final")
-    config = trainer.transformer.config
+    config = trainer.policy.transformer.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, config.in_channels, 8, 8, generator=g)
     text = torch.randn(2, 5, config.joint_attention_dim, generator=g)
     pooled = torch.randn(2, config.pooled_projection_dim, generator=g)
     t = torch.tensor([700.0, 300.0])
-    with torch.no_grad(), trainer.ema_weights():
-        trained = trainer.transformer(x, text, pooled, t).sample
-        with trainer._reference() as base:
+    with torch.no_grad(), trainer.policy.ema_weights():
+        trained = trainer.policy.transformer(x, text, pooled, t).sample
+        with trainer.policy.reference_model() as base:
             untrained = base(x, text, pooled, t).sample
         exported = loaded.transformer(x, text, pooled, t).sample
     assert (trained - untrained).abs().max() > 1e-4  # the LoRA matters, so the check below can fail
@@ -78,7 +78,7 @@ def test_resume_is_bitwise_exact(trainer_workspace: Path) -> None:
     resumed.fit()
     a, b = _lora(straight), _lora(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    ema_a, ema_b = straight.trainable_state(ema=True), resumed.trainable_state(ema=True)
+    ema_a, ema_b = straight.policy.trainable_state(ema=True), resumed.policy.trainable_state(ema=True)
     assert all(torch.equal(ema_a[n], ema_b[n]) for n in ema_a)
     assert len(resumed.history) == 2
 
@@ -110,7 +110,7 @@ def test_nonfinite_rewards_and_zero_variance_groups_are_counted(trainer_workspac
     for keep, valid in zip(credit.keep, scores.valid):
         assert not keep[~valid].any()
     trainer.update(samples, credit)
-    assert all(torch.isfinite(p).all() for p in trainer.trainable.values())
+    assert all(torch.isfinite(p).all() for p in trainer.policy.trainable.values())
 
     _register("constant", lambda images, prompts, metadata: RewardOutput(scores=torch.ones(len(prompts))))
     trainer = Trainer(trainer_config(trainer_workspace, "runs-const", **{"reward.name": "constant", "train.epochs": 1}), variant="v")
@@ -176,7 +176,7 @@ def test_evaluation_reports_held_in_prompts_training_reward_and_per_prompt_score
     from tpgrpo.data import load_prompt_set
     from tpgrpo.evaluate import evaluate_prompts
     from tpgrpo.rewards import build_reward
-    from tpgrpo.trainer import load_model
+    from tpgrpo.policy import load_model
 
     sections = {"train": {"epochs": 1}, "eval": {"heldin_prompts": 6, "reward": {"name": "verifiable"}}}
     cfg = trainer_config(trainer_workspace, "runs-heldin", sections)

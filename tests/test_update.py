@@ -13,7 +13,8 @@ from tpgrpo.ema import WeightEMA
 from tpgrpo.errors import ConfigError, TrainingError
 from tpgrpo.loss import grpo_loss
 from tpgrpo.sde import sde_step
-from tpgrpo.trainer import EpochCredit, Trainer
+from tpgrpo.steps import EpochCredit
+from tpgrpo.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import trainer_config  # noqa: E402
@@ -36,7 +37,7 @@ def _reference_gradients(trainer: Trainer, samples, credit) -> dict[str, torch.T
     weighs 1 / (rows * W), the loss built from the adapter, the SDE step and the surrogate."""
     s, t = trainer.cfg.sample, trainer.cfg.train
     kept = [(b, int(r)) for b, keep in enumerate(credit.keep) for r in keep.nonzero().flatten()]
-    grads = {n: torch.zeros_like(p) for n, p in trainer.trainable.items()}
+    grads = {n: torch.zeros_like(p) for n, p in trainer.policy.trainable.items()}
     for b, r in kept:
         ro = samples.batches[b].rollout
         row = torch.tensor([r])
@@ -44,17 +45,17 @@ def _reference_gradients(trainer: Trainer, samples, credit) -> dict[str, torch.T
             z, z_next = ro.latents[row, k], ro.latents[row, k + 1]
             i = int(ro.step_indices[k])
             common = dict(noise_level=s.noise_level, sampler=s.sampler, log_prob_form=s.log_prob, prev_sample=z_next)
-            v = trainer.adapter.velocity(z, ro.timesteps[k], ro.embeds.select(row), s.guidance_scale)
+            v = trainer.policy.adapter.velocity(z, ro.timesteps[k], ro.embeds.select(row), s.guidance_scale)
             step = sde_step(v, z, ro.sigmas, i, **common)
-            with torch.no_grad(), trainer._reference() as reference:
-                v_ref = trainer.adapter.velocity(z, ro.timesteps[k], ro.embeds.select(row), s.guidance_scale, transformer=reference)
+            with torch.no_grad(), trainer.policy.reference_model() as reference:
+                v_ref = trainer.policy.adapter.velocity(z, ro.timesteps[k], ro.embeds.select(row), s.guidance_scale, transformer=reference)
                 ref_mean = sde_step(v_ref, z, ro.sigmas, i, **common).mean
             out = grpo_loss(
                 step.log_prob, ro.log_probs[row, k], credit.advantages[b][row, k],
                 clip_range=t.clip_range, beta=t.kl_beta, mean=step.mean, ref_mean=ref_mean, std=step.std,
             )
-            parts = torch.autograd.grad(out.loss / (len(kept) * s.window_size), list(trainer.trainable.values()))
-            for (name, _), g in zip(trainer.trainable.items(), parts):
+            parts = torch.autograd.grad(out.loss / (len(kept) * s.window_size), list(trainer.policy.trainable.values()))
+            for (name, _), g in zip(trainer.policy.trainable.items(), parts):
                 grads[name] += g
     return grads
 
@@ -76,7 +77,7 @@ def test_accumulated_micro_batched_step_is_one_step_over_all_rows(trainer_worksp
     # (instead of the per-row mean of the step) would show.
     credit.keep[0][0] = False
     assert int(credit.keep[0].sum()) != int(credit.keep[1].sum()) and all(credit.active)
-    before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    before = {n: p.detach().clone() for n, p in trainer.policy.trainable.items()}
     grads = _reference_gradients(trainer, samples, credit)
 
     names = list(before)
@@ -88,13 +89,13 @@ def test_accumulated_micro_batched_step_is_one_step_over_all_rows(trainer_worksp
     torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay).step()
 
     seen: dict[str, torch.Tensor] = {}
-    step = trainer.optimizer.step
+    step = trainer.policy.optimizer.step
 
     def record_then_step(*args, **kwargs):
-        seen.update({n: p.grad.detach().clone() for n, p in trainer.trainable.items()})
+        seen.update({n: p.grad.detach().clone() for n, p in trainer.policy.trainable.items()})
         return step(*args, **kwargs)
 
-    trainer.optimizer.step = record_then_step
+    trainer.policy.optimizer.step = record_then_step
     stats = trainer.update(samples, credit)
     assert stats.metrics["optimizer/steps"] == 1.0
     scale = max(float(g.abs().max()) for g in grads.values())
@@ -103,7 +104,7 @@ def test_accumulated_micro_batched_step_is_one_step_over_all_rows(trainer_worksp
         torch.testing.assert_close(seen[n], grads[n], atol=1e-6 * scale, rtol=0)
     # Adam's first step is nearly lr * sign(g), so float noise in a gradient near 0 shows at lr.
     for p, n in zip(params, names):
-        torch.testing.assert_close(trainer.trainable[n].detach(), p.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(trainer.policy.trainable[n].detach(), p.detach(), atol=1e-5, rtol=0)
 
 
 def test_optimizer_steps_follow_the_accumulation(trainer_workspace: Path) -> None:
@@ -142,7 +143,7 @@ def test_update_raises_the_log_prob_of_a_positive_advantage(trainer_workspace: P
         change = 0.0
         with torch.no_grad():
             for k in range(s.window_size):
-                v = trainer.adapter.velocity(ro.latents[row, k], ro.timesteps[k], ro.embeds.select(row), s.guidance_scale)
+                v = trainer.policy.adapter.velocity(ro.latents[row, k], ro.timesteps[k], ro.embeds.select(row), s.guidance_scale)
                 step = sde_step(v, ro.latents[row, k], ro.sigmas, int(ro.step_indices[k]), noise_level=s.noise_level,
                                 sampler=s.sampler, log_prob_form=s.log_prob, prev_sample=ro.latents[row, k + 1])
                 change += float(step.log_prob - ro.log_probs[row, k])
@@ -169,12 +170,12 @@ def test_ema_by_hand() -> None:
 def test_nonfinite_updates_are_skipped_then_stop_the_run(trainer_workspace: Path, monkeypatch) -> None:
     """A NaN loss skips the optimizer step (weights unchanged, counted); max_nonfinite_updates in a
     row stop the run with a one-line error and leave the last checkpoint as it was."""
-    import tpgrpo.trainer as trainer_module
+    import tpgrpo.update as update_module
     from tpgrpo.checkpoint import latest_checkpoint, load_checkpoint
 
     cfg = _cfg(trainer_workspace, "runs-nan", **{"train.epochs": 3, "train.max_nonfinite_updates": 2, "eval.every": 5})
     trainer = Trainer(cfg, variant="v")
-    real = trainer_module.grpo_loss
+    real = update_module.grpo_loss
     state = {"poison": False}
 
     def poisoned(*args, **kwargs):
@@ -183,14 +184,14 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(trainer_workspace: Path
             return type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
         return out
 
-    monkeypatch.setattr(trainer_module, "grpo_loss", poisoned)
+    monkeypatch.setattr(update_module, "grpo_loss", poisoned)
     samples, credit = _epoch(trainer)
     state["poison"] = True
-    before = trainer.trainable_state()
+    before = trainer.policy.trainable_state()
     stats = trainer.update(samples, credit)
     # The step is skipped but keeps its place in the schedule (the published global_step).
     assert stats.metrics["skipped/nonfinite_updates"] == 1.0 and stats.metrics["optimizer/steps"] == 1.0
-    after = trainer.trainable_state()
+    after = trainer.policy.trainable_state()
     assert all(torch.equal(before[n], after[n]) for n in before)
 
     state["poison"] = False
@@ -223,7 +224,7 @@ def test_crash_between_accumulated_batches_resumes_bitwise(trainer_workspace: Pa
     straight.fit()
 
     crashing = Trainer(_cfg(trainer_workspace, "runs-crash", **overrides), variant="v")
-    accumulate = crashing._accumulate
+    accumulate = crashing.updater.accumulate
     calls = {"n": 0}
 
     def die_in_epoch_2(*args, **kwargs):
@@ -233,17 +234,17 @@ def test_crash_between_accumulated_batches_resumes_bitwise(trainer_workspace: Pa
             raise KeyboardInterrupt
         return finite
 
-    crashing._accumulate = die_in_epoch_2
+    crashing.updater.accumulate = die_in_epoch_2
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
     crashing.executor.shutdown(wait=False, cancel_futures=True)
     del crashing
 
     resumed = Trainer(_cfg(trainer_workspace, "runs-crash", **overrides), variant="v")
-    assert resumed.epoch == 1 and resumed.optimizer_steps == 1
+    assert resumed.epoch == 1 and resumed.updater.optimizer_steps == 1
     resumed.fit()
     for ema in (False, True):
-        a, b = straight.trainable_state(ema=ema), resumed.trainable_state(ema=ema)
+        a, b = straight.policy.trainable_state(ema=ema), resumed.policy.trainable_state(ema=ema)
         assert all(torch.equal(a[n], b[n]) for n in a), f"ema={ema}"
-    assert resumed.optimizer_steps == straight.optimizer_steps == 3
+    assert resumed.updater.optimizer_steps == straight.updater.optimizer_steps == 3
     assert [row["optimizer/steps"] for row in resumed.history] == [1.0, 2.0, 3.0]

@@ -11,7 +11,8 @@ import torch
 from scipy import ndimage
 
 from tpgrpo import world
-from tpgrpo.world import ObjectSpec, PromptFileError, PromptSpec
+from tpgrpo.errors import PromptFileError
+from tpgrpo.world import ObjectSpec, PromptSpec
 
 ALL_SPECS = [s for split in world.SPLITS for pool in world.prompt_pool(split).values() for s in pool]
 

@@ -5,16 +5,16 @@ For each SDE step k separately, the trajectories that share a prompt form a grou
 taken over the whole batch at that step instead (the mean stays per prompt), which keeps
 groups whose members all scored alike from being blown up to +-1.
 
-Under data parallelism every process gathers the rewards and prompts of all processes (groups
-are split across processes by the sampler), calls :func:`group_advantages` on the gathered
-tensors, and keeps its own rows with :func:`local_rows`.
+A group is one prompt's ``group_size`` trajectories: the trainer passes each row's global prompt
+index (every process knows the whole batch's indices from the sampling plan), so two prompts
+with the same text still form two groups. Under data parallelism every process gathers the
+rewards of all processes (groups are split across processes by the sampler), calls
+:func:`group_advantages` on the gathered tensors, and keeps its own rows with :func:`local_rows`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
@@ -29,7 +29,7 @@ class Advantages:
         advantages: [B, W] float, clipped to ``[-clip_max, clip_max]``.
         keep: [B] bool, trajectories with at least one non-zero advantage (the rest carry no
             learning signal and are skipped in the update).
-        group_ids: [B] long, index of each row's prompt group (in order of first appearance).
+        group_ids: [B] long, index of each row's group (groups numbered in the order of their keys).
     """
 
     advantages: Tensor
@@ -37,15 +37,9 @@ class Advantages:
     group_ids: Tensor
 
 
-def prompt_group_ids(prompts: Sequence[str]) -> Tensor:
-    """[B] long group index per prompt, numbered by first appearance."""
-    index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(p, len(index)) for p in prompts], dtype=torch.long)
-
-
 def group_advantages(
     rewards: Tensor,
-    prompts: Sequence[str],
+    groups: Tensor,
     *,
     global_std: bool = False,
     clip_max: float = 5.0,
@@ -55,7 +49,7 @@ def group_advantages(
 
     Args:
         rewards: [B, W] step rewards r_k (gathered over all processes).
-        prompts: B prompts, one per row (gathered in the same order).
+        groups: [B] long, each row's group key (its prompt's index), gathered in the same order.
         global_std: divide by the std over the whole batch at each step instead of the group's.
         clip_max: advantages are clipped to ``[-clip_max, clip_max]``.
         eps: added to the std.
@@ -65,14 +59,14 @@ def group_advantages(
     """
     if rewards.ndim != 2:
         raise ValueError(f"rewards: expected [B, W], got shape {tuple(rewards.shape)}")
-    if len(prompts) != rewards.shape[0]:
-        raise ValueError(f"prompts: expected {rewards.shape[0]} prompts (one per row), got {len(prompts)}")
+    if tuple(groups.shape) != (rewards.shape[0],):
+        raise ValueError(f"groups: expected shape [{rewards.shape[0]}] (one key per row), got {tuple(groups.shape)}")
     if clip_max <= 0:
         raise ValueError(f"clip_max: expected > 0, got {clip_max}")
 
     r = rewards.to(torch.float64)
-    groups = prompt_group_ids(prompts).to(r.device)
-    n_groups = int(groups.max().item()) + 1 if len(prompts) else 0
+    keys, groups = torch.unique(groups.to(r.device), return_inverse=True)
+    n_groups = keys.numel()
     counts = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, groups, torch.ones_like(groups, dtype=r.dtype))
     sums = torch.zeros(n_groups, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, groups, r)
     mean = (sums / counts[:, None])[groups]

@@ -18,6 +18,7 @@ from tpgrpo.config import DEFAULT_STUDY, ExperimentConfig, load_config, read_yam
 from tpgrpo.console import configure as configure_console
 from tpgrpo.console import plural
 from tpgrpo.errors import UserError
+from tpgrpo.fileio import atomic_write_json
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +97,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     it and an untrained copy on the test prompts as the training runs evaluate (eval section,
     seed). Writes --report (JSON metrics) and a sample grid beside it (PNG).
     """
-    import json
-
+    
     from tpgrpo.evaluate import save_grid
     from tpgrpo.pretrain import pretrain
     from tpgrpo.world import load_prompts
@@ -115,18 +115,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         cfg.model.path, cfg.pretrain, seed=cfg.seed, test_prompts=test, evaluation=cfg.eval, training_reward=cfg.reward
     )
     report = Path(args.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
+    # No wall-clock time here: a DVC output, the same for every pretraining of the commit.
     metrics = {
         "reward_base": result.reward_base,
         "reward_untrained": result.reward_untrained,
         "vae_test_mse": result.vae_test_mse,
         "vae_recon_reward": result.vae_recon_reward,
-        "minutes": round(result.seconds_total / 60, 2),
         **{f"base_{k}": v for k, v in result.reward_details.items()},
     }
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(report)
+    atomic_write_json(report, metrics, allow_nan=True)
     grid = save_grid(result.evaluation, report.with_suffix(".png"))
     print(
         f"base model -> {cfg.model.path}: reward {result.reward_base:.3f} on {len(test)} test prompts "
@@ -168,15 +165,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     Prints the mean reward and its per-constraint means; --out writes them as JSON, with a sample
     grid beside it (<out>.png) and the first 16 samples as PNGs in <out>_images/.
     """
-    import json
-
     cfg = _config(args)
     _require_model(cfg, args)
     import torch
 
     from tpgrpo.data import load_prompt_set
     from tpgrpo.evaluate import evaluate_prompts, save_grid, save_images
-    from tpgrpo.trainer import load_model
+    from tpgrpo.rewards import reward_from_section
+    from tpgrpo.policy import load_model
 
     adapter = load_model(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     pipe = adapter.pipe
@@ -198,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result = evaluate_prompts(
         adapter,
         test,
-        cfg.eval.build_reward(cfg.reward),
+        reward_from_section(cfg.eval.reward or cfg.reward),
         num_steps=cfg.eval.num_steps,
         guidance_scale=cfg.eval.guidance_scale,
         batch_size=cfg.eval.batch_size,
@@ -206,13 +202,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         resolution=cfg.model.resolution,
     )
     summary = {"model": args.variant or "base", "reward": result.reward, "prompts": len(test), **result.details}
-    print(_evaluation_summary(summary, result.details))
+    print(_evaluation_summary(summary["model"], result.reward, len(test), result.details))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out)
+        out = atomic_write_json(args.out, summary, allow_nan=True)
         save_grid(result, out.with_suffix(".png"))
         # The first samples at the model's resolution: what the README's diffusers snippet gives.
         images = save_images(result, out.with_name(f"{out.stem}_images"))
@@ -224,10 +216,10 @@ def _log_evaluation(cfg: ExperimentConfig, variant: str, files: list[Path], imag
     """Attach the evaluation's files to the MLflow run that trained the weights (artifacts under
     ``evaluate/``). The evaluation stands without it: a missing run is a warning, not an error."""
     from tpgrpo.errors import TrackingError
+    from tpgrpo.rundir import read_run_id
     from tpgrpo.tracking import log_to_run
-    from tpgrpo.trainer import previous_run_id
 
-    run_id = previous_run_id(Path(cfg.runs_dir) / variant)
+    run_id = read_run_id(Path(cfg.runs_dir) / variant)
     try:
         log_to_run(cfg.tracking.uri, run_id, files, artifact_path="evaluate")
         log_to_run(cfg.tracking.uri, run_id, images, artifact_path="evaluate/images")
@@ -235,9 +227,9 @@ def _log_evaluation(cfg: ExperimentConfig, variant: str, files: list[Path], imag
         print(f"tpgrpo evaluate: warning: not logged to MLflow: {exc}", file=sys.stderr)
 
 
-def _evaluation_summary(summary: dict, details: dict[str, float]) -> str:
+def _evaluation_summary(model: str, reward: float, prompts: int, details: dict[str, float]) -> str:
     """``tp_grpo: eval reward 0.5277 on 256 test prompts`` and one indented line per component."""
-    lines = [f"{summary['model']}: eval reward {summary['reward']:.4f} on {summary['prompts']} test prompts"]
+    lines = [f"{model}: eval reward {reward:.4f} on {prompts} test prompts"]
     width = max((len(k) for k in details), default=0)
     lines += [f"  {k:<{width}}  {v:.4f}" for k, v in details.items()]
     return "\n".join(lines)
@@ -247,7 +239,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     """Compare the variants' runs (runs/<variant>/metrics.json and history.csv): writes the
     ablation table (reports/ablation.md, reports/ablation.json) and plots (reward per epoch,
     turning-point rate per step); with --parent-run-id also logs them to that MLflow run."""
-    from tpgrpo.report import build_report
+    from tpgrpo.reporting.report import build_report
 
     cfg = _config(args)
     variants = args.variants or cfg.pipeline.variants
@@ -277,7 +269,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     <study>.json and plots in ablation.reports_dir. --study NAME picks a study under `studies`
     (default: the `ablation` section). The study itself runs as the Prefect deployment
     tpgrpo/ablation (--param study=NAME)."""
-    from tpgrpo.study import build_study_report, study_run_name
+    from tpgrpo.reporting.study import build_study_report, study_run_name
 
     cfg = _config(args)
     spec = cfg.study(args.study)

@@ -11,7 +11,6 @@ directly or collected under a named variant in the ``variants`` section.
 from __future__ import annotations
 
 import json
-import re
 import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Sequence, Union, get_args, get_origin
@@ -20,33 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tpgrpo.errors import ConfigError
+from tpgrpo.fileio import parse_yaml
 
 if TYPE_CHECKING:
     from tpgrpo.credit import CreditConfig
-    from tpgrpo.rewards import RewardFunction
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``3e-4`` (no dot) as a string; as a config value it is always a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML the way params files and overrides are read."""
-    return yaml.load(text, Loader=_Loader)
 
 
 class _Section(BaseModel):
@@ -181,10 +157,6 @@ class SampleSection(_Section):
             )
         return self
 
-    @property
-    def log_prob_form(self) -> str:
-        return self.log_prob or ("unnormalized" if self.sampler == "cps" else "gaussian")
-
 
 class CreditSection(_Section):
     """Step-level credit assignment (see :mod:`tpgrpo.credit`).
@@ -308,15 +280,6 @@ class RewardSection(_Section):
                 raise ValueError(f"options.{name}: expected a mapping of the reward's options, got {options!r}")
         return self
 
-    def build(self) -> RewardFunction:
-        """The reward function: registry reward ``name`` with ``options`` as keyword arguments, or
-        for ``multi`` the weighted sum (:mod:`tpgrpo.rewards.multi`)."""
-        from tpgrpo.rewards import build_reward
-
-        if self.name == "multi":
-            return build_reward("multi", weights=self.weights, options=self.options)
-        return build_reward(self.name, **self.options)
-
 
 class EvalSection(_Section):
     """ODE evaluation on the test prompts.
@@ -336,10 +299,6 @@ class EvalSection(_Section):
     heldin_prompts: int = Field(0, ge=0, description="the first N train prompts, also evaluated (held-in); 0 = none")
     batch_size: int = Field(32, ge=1)
     reward: RewardSection | None = None
-
-    def build_reward(self, training: RewardSection) -> RewardFunction:
-        """The evaluation's reward function: ``reward``, or the training reward when None."""
-        return (self.reward or training).build()
 
 
 class TrackingSection(_Section):

@@ -45,9 +45,9 @@ def configure() -> None:
     log.setLevel(logging.INFO)
 
 
-def is_terminal(stream=None) -> bool:
-    stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
+def is_terminal() -> bool:
+    """Whether stderr, where progress goes, is a terminal (not a log file or captured output)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def progress(items: Sequence[T], desc: str, *, enabled: bool = True, lines: int = 10) -> Iterable[T]:

@@ -1,4 +1,4 @@
-"""Prompt sets and the GRPO group sampler.
+"""Prompt sets, their file format, and the GRPO group sampler.
 
 Each epoch draws ``batches_per_epoch`` global batches of ``batch_size`` rows. Every prompt drawn
 in an epoch is distinct and appears exactly ``group_size`` times (its group), and the rows of a
@@ -10,14 +10,16 @@ run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
-from tpgrpo.errors import ConfigError
-from tpgrpo.world import load_prompts
+from tpgrpo.errors import ConfigError, PromptFileError
+
+RecordCheck = Callable[[Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,45 @@ class PromptSet:
         return PromptSet([self.prompts[i] for i in index], [self.metadata[i] for i in index])
 
 
-def load_prompt_set(path: str | Path) -> PromptSet:
-    """Read a jsonl prompt set (one JSON object per line with a ``prompt``)."""
-    records = load_prompts(path)
+def load_prompts(path: str | Path, check: RecordCheck | None = None) -> list[dict[str, Any]]:
+    """Read a jsonl prompt set: one JSON object per line, each with a non-empty string ``prompt``.
+
+    Blank lines are skipped. ``check(record)`` (a reward's metadata check, e.g.
+    :func:`tpgrpo.world.check_record`) may refuse a record with ``ValueError``. Every failure is a
+    one-line :class:`~tpgrpo.errors.PromptFileError` naming the file and line. Returns the records
+    as parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptFileError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            prompt = record.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise PromptFileError(f"{path}:{lineno}: missing or empty string field 'prompt'")
+            if check is not None:
+                try:
+                    check(record)
+                except ValueError as err:
+                    raise PromptFileError(f"{path}:{lineno}: {err}") from None
+            records.append(record)
+    if not records:
+        raise PromptFileError(f"{path}: prompt file is empty")
+    return records
+
+
+def load_prompt_set(path: str | Path, check: RecordCheck | None = None) -> PromptSet:
+    """Read a jsonl prompt set (:func:`load_prompts`)."""
+    records = load_prompts(path, check)
     return PromptSet([r["prompt"] for r in records], records)
 
 

@@ -34,7 +34,6 @@ the evaluation settings and prompts never change the weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -56,7 +55,8 @@ from tpgrpo.ema import WeightEMA
 from tpgrpo.evaluate import EvalResult, evaluate_prompts
 from tpgrpo.models import TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
 from tpgrpo.models.base import _quiet_progress
-from tpgrpo.rewards import RewardFunction, build_reward
+from tpgrpo.fileio import atomic_write_json
+from tpgrpo.rewards import RewardFunction, build_reward, reward_from_section
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "tiny_config", "encode_text_table", "train_vae", "train_transformer"]
 
@@ -115,15 +115,24 @@ class PretrainResult:
     evaluation: EvalResult | None = field(repr=False, default=None)
 
     def metrics(self) -> dict[str, Any]:
-        """The scalar results as a JSON-ready dict (no loss histories, no images)."""
-        skip = {"vae_losses", "transformer_losses", "evaluation"}
+        """The scalar results as a JSON-ready dict (no loss histories, no images, no wall-clock
+        times: they are :meth:`timing`, kept out of the DVC-hashed pipeline directory)."""
+        skip = {"vae_losses", "transformer_losses", "evaluation", *TIMING_FIELDS}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["path"] = str(self.path)
         return out
 
 
+    def timing(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in TIMING_FIELDS}
+
+
 METRICS_FILE = "pretrain.json"
 """Written into the pipeline directory next to ``model_index.json``: config and metrics."""
+TIMING_FILE = "timing.json"
+"""The wall-clock seconds, beside it; ``.dvcignore`` keeps it out of the directory's hash, so two
+pretrainings of the same commit give the same DVC output."""
+TIMING_FIELDS = ("seconds_vae", "seconds_transformer", "seconds_total")
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +410,7 @@ def pretrain(
     ``seed`` on CPU.
     """
     records = _test_records(cfg, seed, test_prompts)
-    reward = evaluation.build_reward(training_reward)
+    reward = reward_from_section(evaluation.reward or training_reward)
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -416,9 +425,8 @@ def pretrain(
         "reward": training_reward.model_dump(),
         "metrics": result.metrics(),
     }
-    tmp = result.path / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(result.path / METRICS_FILE)
+    atomic_write_json(result.path / METRICS_FILE, saved, allow_nan=True)
+    atomic_write_json(result.path / TIMING_FILE, result.timing())
     return result
 
 

@@ -37,7 +37,7 @@ reference the lockstep version is tested and benchmarked against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +45,9 @@ from tqdm.auto import tqdm
 
 from tpgrpo.models import ModelAdapter, PromptEmbeds, load_adapter
 from tpgrpo.sde import LogProbForm, Sampler, sde_step
+
+if TYPE_CHECKING:
+    from tpgrpo.config import ExperimentConfig
 
 Completion = Literal["ode", "one_step", "coarse"]
 COMPLETIONS: tuple[str, ...] = ("ode", "one_step", "coarse")
@@ -165,6 +168,8 @@ class Rollout:
         sigmas: [N+1] the schedule.
         embeds: the prompts' embeddings, for recomputing log-probs in the update.
         stats: transformer cost.
+        config: the settings it was sampled with; the update recomputes its log-probs with the
+            same noise level, sampler, log-prob form and guidance.
     """
 
     images: Tensor
@@ -177,6 +182,7 @@ class Rollout:
     sigmas: Tensor
     embeds: PromptEmbeds = field(repr=False)
     stats: ForwardStats
+    config: RolloutConfig
     baseline_latents: Tensor | None = None
 
 
@@ -442,5 +448,28 @@ def _result(
         sigmas=run.sigmas,
         embeds=run.embeds,
         stats=run.forward.stats(),
+        config=cfg,
         baseline_latents=run.baseline,
+    )
+
+
+def rollout_config(cfg: ExperimentConfig, *, progress: bool = False) -> RolloutConfig:
+    """The rollout settings of an experiment (``sample``, the credit mode, the resolution)."""
+    s = cfg.sample
+    return RolloutConfig(
+        num_steps=s.num_steps,
+        window_start=s.window_start,
+        window_size=s.window_size,
+        noise_level=s.noise_level,
+        sampler=s.sampler,
+        log_prob=s.log_prob,
+        guidance_scale=s.guidance_scale,
+        completions=cfg.credit.mode != "outcome",
+        completion=s.completion,
+        completion_steps=s.completion_steps,
+        baseline_noise=s.baseline_noise,
+        micro_batch_size=s.micro_batch_size,
+        height=cfg.model.resolution,
+        width=cfg.model.resolution,
+        progress=progress,
     )

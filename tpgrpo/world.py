@@ -30,7 +30,6 @@ without passing the seed around.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,7 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from tpgrpo.errors import PromptFileError
+from tpgrpo import data
+from tpgrpo.fileio import atomic_write_text
 
 Kind = Literal["single", "counting", "two_objects", "position"]
 Relation = Literal["left_of", "right_of"]
@@ -280,13 +280,7 @@ class PromptSetPaths:
 
 def write_prompts(path: str | Path, specs: Iterable[PromptSpec]) -> Path:
     """Write one metadata JSON object per line (the format :func:`load_prompts` reads)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so an interrupted run never leaves half a file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in specs), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(s.to_dict()) + "\n" for s in specs))
 
 
 def write_prompt_sets(out_dir: str | Path, n_train: int, n_test: int, seed: int) -> PromptSetPaths:
@@ -300,39 +294,18 @@ def write_prompt_sets(out_dir: str | Path, n_train: int, n_test: int, seed: int)
 
 
 
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Read a jsonl prompt set: one JSON object per line, each with a non-empty string ``prompt``.
+def check_record(record: Mapping[str, Any]) -> None:
+    """Validate a prompt record that carries world metadata (a ``kind`` key) as a
+    :class:`PromptSpec` (``ValueError`` naming the field); other records (prompt sets for real
+    models) pass."""
+    if "kind" in record:
+        PromptSpec.from_dict(dict(record))
 
-    Blank lines are skipped. Records that carry world metadata (a ``kind`` key) are validated as
-    :class:`PromptSpec`, so a corrupt prompt set fails here rather than mid-training; other
-    records (prompt sets for real models) only need ``prompt``. Returns the records as parsed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"{path}: prompt file not found")
-    records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise PromptFileError(f"{path}:{lineno}: missing or empty string field 'prompt'")
-            if "kind" in record:
-                try:
-                    PromptSpec.from_dict(record)
-                except ValueError as err:
-                    raise PromptFileError(f"{path}:{lineno}: {err}") from None
-            records.append(record)
-    if not records:
-        raise PromptFileError(f"{path}: prompt file is empty")
-    return records
+
+def load_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """A jsonl prompt set (:func:`tpgrpo.data.load_prompts`) whose world records are validated
+    (:func:`check_record`), so a corrupt prompt set fails here rather than mid-training."""
+    return data.load_prompts(path, check=check_record)
 
 
 # --------------------------------------------------------------------------------------------

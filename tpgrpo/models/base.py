@@ -1,5 +1,6 @@
 """Model-independent parts of the model layer: prompt embeddings, the adapter protocol the
-rollout and trainer program against, and reading / writing diffusers pipeline directories.
+rollout and trainer program against, the base class of the adapters over diffusers' pipelines,
+and reading / writing diffusers pipeline directories.
 
 An adapter exposes one flow-matching model as a velocity field ``v(x_t, t | prompt)`` with
 classifier-free guidance, plus what is needed around it (noise, schedule, text encoding, VAE
@@ -12,20 +13,23 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Generic, Iterator, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+# StableDiffusion3Pipeline's calculate_shift is a verbatim copy of this one ("Copied from").
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from tpgrpo.errors import ModelLoadError
-
-
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,101 @@ class ModelAdapter(Protocol):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1]."""
         ...
+
+
+PipelineT = TypeVar("PipelineT", bound=DiffusionPipeline)
+
+
+class PipelineAdapter(ABC, Generic[PipelineT]):
+    """What the ``ModelAdapter`` of every diffusers flow-matching pipeline family shares.
+
+    The pipeline's modules and device, the default ``max_sequence_length``, the image size
+    defaults, the schedule's resolution-dependent shift ``mu`` and VAE decoding read the same in
+    ``StableDiffusion3Pipeline`` and ``FluxPipeline``. A subclass per family adds what differs:
+    ``encode_prompts``, ``prepare_latents`` and ``velocity``, the class constants below and the
+    three hooks (the tokenizer that bounds the sequence length, the image token count, and how the
+    pipeline sets the scheduler's grid).
+
+    ``max_sequence_length`` is the T5 token count (the pipeline's argument of that name). Default:
+    the ``_sequence_tokenizer``'s ``model_max_length`` capped at ``pipeline_max_sequence_length``.
+    """
+
+    # The pipeline's own default or upper limit for ``max_sequence_length``.
+    pipeline_max_sequence_length: ClassVar[int]
+    # The ``max_shift`` the pipeline falls back to when the scheduler config has none.
+    default_max_shift: ClassVar[float]
+
+    def __init__(self, pipe: PipelineT, max_sequence_length: int | None = None):
+        self.pipe = pipe
+        if max_sequence_length is None:
+            tokenizer = self._sequence_tokenizer()
+            max_sequence_length = min(tokenizer.model_max_length, self.pipeline_max_sequence_length)
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        return self.pipe.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def timesteps(self, num_steps: int, height: int | None = None, width: int | None = None) -> Schedule:
+        """timesteps [N], sigmas [N+1]; a fresh scheduler, so ``pipe.scheduler``'s state is untouched."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        self._set_timesteps(scheduler, num_steps, height, width)
+        return Schedule(scheduler.timesteps, scheduler.sigmas)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (the pipeline's ``output_type="pt"``)."""
+        vae = self.pipe.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(images, output_type="pt")
+
+    def _shift(self, scheduler: FlowMatchEulerDiscreteScheduler, height: int | None, width: int | None) -> float:
+        """The schedule's resolution-dependent shift ``mu`` for an image of height x width pixels
+        (None: the default size), as the pipeline computes it: linear in the image token count,
+        through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) of
+        ``scheduler``'s config."""
+        return calculate_shift(
+            self._image_seq_len(height, width),
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", self.default_max_shift),
+        )
+
+    def _image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Image (H, W) in pixels; a None side is the pipeline's default, ``default_sample_size``
+        latents."""
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return height or default, width or default
+
+    @abstractmethod
+    def _sequence_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer whose ``model_max_length`` bounds the default ``max_sequence_length``."""
+
+    @abstractmethod
+    def _image_seq_len(self, height: int | None, width: int | None) -> int:
+        """The transformer's image token count for an image of height x width pixels (None: the
+        default size), the count ``_shift`` grows with."""
+
+    @abstractmethod
+    def _set_timesteps(
+        self, scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, height: int | None, width: int | None
+    ) -> None:
+        """Set ``scheduler``'s grid of ``num_steps`` as the pipeline does for a height x width
+        image (None: the default size), with ``_shift``'s ``mu`` where the pipeline passes one."""
 
 
 def save_pipeline(pipe: DiffusionPipeline, path: str | os.PathLike[str]) -> Path:

@@ -28,16 +28,14 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
-from tpgrpo.models.base import PromptEmbeds, Schedule
-
-# FluxPipeline's upper limit for max_sequence_length (and FLUX.1's T5 tokenizer length).
-_PIPELINE_MAX_SEQUENCE_LENGTH = 512
+from tpgrpo.models.base import PipelineAdapter, PromptEmbeds
 
 
-class FluxAdapter:
+class FluxAdapter(PipelineAdapter[FluxPipeline]):
     """``ModelAdapter`` over a ``FluxPipeline``.
 
     ``max_sequence_length`` is the T5 token count (the pipeline's argument of that name). Default:
@@ -46,34 +44,20 @@ class FluxAdapter:
     against it.
     """
 
-    def __init__(self, pipe: FluxPipeline, max_sequence_length: int | None = None):
-        self.pipe = pipe
-        if max_sequence_length is None:
-            max_sequence_length = min(pipe.tokenizer_2.model_max_length, _PIPELINE_MAX_SEQUENCE_LENGTH)
-        self.max_sequence_length = max_sequence_length
+    # FluxPipeline's upper limit for max_sequence_length (and FLUX.1's T5 tokenizer length).
+    pipeline_max_sequence_length = 512
+    # FluxPipeline.__call__'s fallback (SD3's is 1.16).
+    default_max_shift = 1.15
 
-    @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
-        return self.pipe.scheduler
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
+    def _sequence_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.pipe.tokenizer_2
 
     def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Image size (None: the pipeline's default) -> latent (h, w), rounded down to even sides
         as the pipeline rounds them for packing."""
-        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        height, width = self._image_size(height, width)
         patch = 2 * self.pipe.vae_scale_factor
-        return 2 * ((height or default) // patch), 2 * ((width or default) // patch)
+        return 2 * (height // patch), 2 * (width // patch)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], guidance_scale: float) -> PromptEmbeds:
@@ -119,21 +103,16 @@ class FluxAdapter:
         f = self.pipe.vae_scale_factor
         return self.pipe._unpack_latents(packed, h * f, w * f, f)
 
-    def timesteps(self, num_steps: int, height: int | None = None, width: int | None = None) -> Schedule:
-        """timesteps [N], sigmas [N+1]; a fresh scheduler, so ``pipe.scheduler``'s state is untouched."""
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+    def _image_seq_len(self, height: int | None, width: int | None) -> int:
         h, w = self._latent_size(height, width)
+        return (h // 2) * (w // 2)
+
+    def _set_timesteps(
+        self, scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, height: int | None, width: int | None
+    ) -> None:
+        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
         # The pipeline always passes mu; the scheduler only uses it with dynamic shifting on.
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
-        return Schedule(scheduler.timesteps, scheduler.sigmas)
+        retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=self._shift(scheduler, height, width))
 
     def velocity(
         self,
@@ -172,11 +151,3 @@ class FluxAdapter:
             return_dict=False,
         )[0]
         return self.unpack(packed, h, w)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (the pipeline's ``output_type="pt"``)."""
-        vae = self.pipe.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(images, output_type="pt")

@@ -11,16 +11,13 @@ from typing import Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
-from tpgrpo.models.base import PromptEmbeds, Schedule, cfg_enabled
-
-# StableDiffusion3Pipeline.__call__'s default; SD3.5's T5 tokenizer allows 512.
-_PIPELINE_MAX_SEQUENCE_LENGTH = 256
+from tpgrpo.models.base import PipelineAdapter, PromptEmbeds, cfg_enabled
 
 
-class SD3Adapter:
+class SD3Adapter(PipelineAdapter[StableDiffusion3Pipeline]):
     """``ModelAdapter`` over a ``StableDiffusion3Pipeline``.
 
     ``max_sequence_length`` is the T5 token count (the pipeline's argument of that name). Default:
@@ -29,32 +26,13 @@ class SD3Adapter:
     ``pipe(...)`` when comparing against the pipeline.
     """
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int | None = None):
-        self.pipe = pipe
-        if max_sequence_length is None:
-            tokenizer = pipe.tokenizer_3 if pipe.text_encoder_3 is not None else pipe.tokenizer
-            max_sequence_length = min(tokenizer.model_max_length, _PIPELINE_MAX_SEQUENCE_LENGTH)
-        self.max_sequence_length = max_sequence_length
+    # StableDiffusion3Pipeline.__call__'s default; SD3.5's T5 tokenizer allows 512.
+    pipeline_max_sequence_length = 256
+    # StableDiffusion3Pipeline.__call__'s fallback (FLUX's is 1.15).
+    default_max_shift = 1.16
 
-    @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
-        return self.pipe.scheduler
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return height or default, width or default
+    def _sequence_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.pipe.tokenizer_3 if self.pipe.text_encoder_3 is not None else self.pipe.tokenizer
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], guidance_scale: float) -> PromptEmbeds:
@@ -80,7 +58,7 @@ class SD3Adapter:
     ) -> Tensor:
         """x_T [B, C, H/f, W/f]; with the same generator state ``pipe(..., generator=g)`` draws
         the same noise (prompt encoding draws no random numbers)."""
-        height, width = self._size(height, width)
+        height, width = self._image_size(height, width)
         return self.pipe.prepare_latents(
             batch_size,
             self.pipe.transformer.config.in_channels,
@@ -91,25 +69,20 @@ class SD3Adapter:
             generator,
         )
 
-    def timesteps(self, num_steps: int, height: int | None = None, width: int | None = None) -> Schedule:
-        """timesteps [N], sigmas [N+1]; a fresh scheduler, so ``pipe.scheduler``'s state is untouched."""
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        kwargs = {}
-        # Same resolution-dependent shift as the pipeline (off for SD3.5, which uses a fixed shift).
+    def _image_seq_len(self, height: int | None, width: int | None) -> int:
+        height, width = self._image_size(height, width)
+        patch = self.pipe.transformer.config.patch_size
+        factor = self.pipe.vae_scale_factor
+        return (height // factor // patch) * (width // factor // patch)
+
+    def _set_timesteps(
+        self, scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, height: int | None, width: int | None
+    ) -> None:
+        kwargs: dict[str, float] = {}
+        # The pipeline passes mu only with dynamic shifting on (off for SD3.5, which uses a fixed shift).
         if scheduler.config.get("use_dynamic_shifting", None):
-            height, width = self._size(height, width)
-            patch = self.pipe.transformer.config.patch_size
-            factor = self.pipe.vae_scale_factor
-            seq_len = (height // factor // patch) * (width // factor // patch)
-            kwargs["mu"] = calculate_shift(
-                seq_len,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = self._shift(scheduler, height, width)
         scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
-        return Schedule(scheduler.timesteps, scheduler.sigmas)
 
     def velocity(
         self,
@@ -149,11 +122,3 @@ class SD3Adapter:
             uncond, cond = velocity.chunk(2)
             velocity = uncond + guidance_scale * (cond - uncond)
         return velocity
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (the pipeline's ``output_type="pt"``)."""
-        vae = self.pipe.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(images, output_type="pt")

@@ -104,3 +104,24 @@ def build_reward(name: str, **options: Any) -> RewardFunction:
                 f"unknown option(s) {', '.join(map(repr, unknown))} for reward {name!r}; valid: {', '.join(valid) or 'none'}"
             )
     return factory(**options)
+
+
+def reward_from_section(section: Any) -> RewardFunction:
+    """The reward a reward section of the config describes (``name``, ``options``, ``weights``):
+    registry reward ``name`` with ``options`` as keyword arguments, or for ``multi`` the weighted
+    sum (:mod:`tpgrpo.rewards.multi`) of ``weights`` with per-reward ``options``."""
+    if section.name == "multi":
+        return build_reward("multi", weights=dict(section.weights), options=dict(section.options))
+    return build_reward(section.name, **section.options)
+
+
+def metadata_check(*rewards: RewardFunction) -> Callable[[dict[str, Any]], None]:
+    """A check of prompt records by each reward's ``check_metadata`` (rewards that read prompt
+    metadata define it), so a corrupt prompt set fails when it loads, not mid-training."""
+    checks = [c for c in (getattr(r, "check_metadata", None) for r in rewards) if c is not None]
+
+    def check(record: dict[str, Any]) -> None:
+        for c in checks:
+            c(record)
+
+    return check

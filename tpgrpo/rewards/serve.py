@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tpgrpo.fileio import parse_yaml
 from tpgrpo.rewards import RewardFunction, available_rewards, build_reward
 from tpgrpo.rewards.remote import decode_images, values_to_json
 
@@ -100,8 +101,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _option(text: str) -> tuple[str, Any]:
-    from tpgrpo.config import parse_yaml
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")

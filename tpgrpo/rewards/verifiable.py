@@ -46,7 +46,7 @@ import torch
 from scipy import ndimage
 
 from tpgrpo.rewards import RewardOutput
-from tpgrpo.world import PALETTE, PromptSpec
+from tpgrpo.world import PALETTE, PromptSpec, check_record
 
 CONSTRAINT_TYPES: tuple[str, ...] = ("color", "count", "shape", "position", "background")
 
@@ -257,6 +257,12 @@ class VerifiableReward:
     def _shape_credit(self, component: Component, shape: str) -> float:
         other = max(iou for name, iou in component.ious.items() if name != shape)
         return min(1.0, max(0.0, 0.5 + (component.ious[shape] - other) / (2 * self.shape_margin)))
+
+    @staticmethod
+    def check_metadata(record: dict[str, Any]) -> None:
+        """Refuse (``ValueError``) corrupt world metadata when the prompt set loads, rather than
+        mid-training (:func:`tpgrpo.world.check_record`)."""
+        check_record(record)
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
