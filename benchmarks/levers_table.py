@@ -4,26 +4,26 @@ base model, minutes. Usage: python benchmarks/levers_table.py OUT_DIR"""
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 
+from tpgrpo.rundir import read_run
+
 
 def main(out: Path) -> None:
-    for run in sorted(p for p in out.iterdir() if (p / "metrics.json").exists()):
-        metrics = json.loads((run / "metrics.json").read_text())
-        rows = list(csv.DictReader((run / "history.csv").open()))
-        base = metrics["eval_reward_initial"]
-        curve = " ".join(
-            f"{int(float(r['epoch']))}:{float(r['eval/reward']) - base:+.3f}" for r in rows if r.get("eval/reward")
-        )
-        heldin = metrics.get("eval_train_reward")
-        heldin_initial = metrics.get("eval_train_reward_initial")
-        held = f" held-in {heldin_initial:.3f}->{heldin:.3f}" if heldin is not None else ""
+    for run in (read_run(p) for p in sorted(out.iterdir()) if p.is_dir()):
+        if not run.ok or run.base_reward is None:
+            continue
+        base = run.base_reward
+        curve = " ".join(f"{epoch}:{value - base:+.3f}" for epoch, value in run.reward_curve() if epoch > 0)
+        final, initial = run.details(), run.details(initial=True)
+        held = ""
+        if "train_reward" in final and "train_reward" in initial:
+            held = f" held-in {initial['train_reward']:.3f}->{final['train_reward']:.3f}"
+        minutes = "n/a" if run.minutes is None else f"{run.minutes:.1f}"
         print(
-            f"{run.name:40s} base {base:.3f} final {metrics['eval_reward']:.3f} "
-            f"gain {metrics['eval_reward'] - base:+.3f}{held} [{curve}] {metrics['minutes']:.1f} min"
+            f"{run.name:40s} base {base:.3f} final {run.reward:.3f} "
+            f"gain {run.reward - base:+.3f}{held} [{curve}] {minutes} min"
         )
 
 

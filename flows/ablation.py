@@ -5,25 +5,27 @@ one, the ``ablation`` section (variants, seeds, epochs, eval size, overrides); `
 says where every study's runs and reports go. The flow's parameters override the study. One
 MLflow parent run per study run; every (variant, seed) trains as its own child flow run of
 ``tpgrpo-train`` (one MLflow child run each, nested under the parent), then a ``compare`` task
-writes the study's report (:func:`tpgrpo.study.build_study_report`: intervals, power, noise
-split, per-constraint and held-in results) and publishes it as Prefect artifacts and as
+writes the study's report (:func:`tpgrpo.reporting.study.build_study_report`: intervals, power,
+noise split, per-constraint and held-in results) and publishes it as Prefect artifacts and as
 artifacts of the parent MLflow run.
 
-Runs are named ``<variant>-seed<N>-<settings key>`` (:func:`tpgrpo.study.study_run_name`); a run
-another study already finished with the same settings is reused, not trained again (unless
-``restart``).
+Runs are named ``<variant>-seed<N>-<settings key>``
+(:func:`tpgrpo.reporting.study.study_run_name`); a run another study already finished with the
+same settings is reused, not trained again (unless ``restart``).
 
 Where the children run:
 - when the deployment ``tpgrpo-train/train`` exists and is ready (a ``python -m flows.serve``
-  process or a worker of its work pool is polling), the children are submitted with
-  ``run_deployment``, at most ``max_parallel`` unfinished at a time, and the flow waits for all
-  of them;
+  process or a worker of its work pool is polling), each child is a ``train-<run name>`` task
+  that runs it on the deployment with ``run_deployment`` and returns when it has ended. The tasks
+  run on a :class:`~prefect.task_runners.ThreadPoolTaskRunner` of ``max_parallel`` threads, so at
+  most ``max_parallel`` children are unfinished at a time, and the flow waits for all of them;
 - otherwise, or with ``in_process=True``, each child runs in this process as a subflow, one
   after the other.
 
 A failing variant does not stop the others: its child flow run ends Failed, its MLflow run
-FAILED (created FAILED if it never got that far), the report lists it as failed, and after the
-comparison the ablation itself ends Failed, naming the failed variants.
+FAILED (created FAILED if it never got that far: :func:`tpgrpo.tracking.settle_child_run`), the
+report lists it as failed, and after the comparison the ablation itself ends Failed, naming the
+failed variants.
 
 Run directories: ``<ablation.runs_dir>/<run name>``; reports: ``<ablation.reports_dir>/<study>.md``
 and ``.json`` with its plots.
@@ -33,42 +35,56 @@ from __future__ import annotations
 
 import gc
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from logging import Logger, LoggerAdapter
 from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows import require_api
 from flows.training import DEPLOYMENT_NAME, FLOW_NAME, FLOW_RUN_TAG, SEED_TAG, train_variant
 from tpgrpo.config import DEFAULT_STUDY, ExperimentConfig, load_config
-from tpgrpo.study import study_run_name
+from tpgrpo.reporting.study import build_study_report
+from tpgrpo.rundir import is_finished, study_run_name
+from tpgrpo.tracking import ChildStatus, settle_child_run
 
 TRAIN_DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 ABLATION_FLOW_NAME = "tpgrpo"
 # Prefect artifact keys of a study's report: <prefix>-<study> (underscores as dashes).
 TABLE_ARTIFACT_KEY = "tpgrpo-study"
 MARKDOWN_ARTIFACT_KEY = "tpgrpo-study-report"
-POLL_SECONDS = 5.0
 
 
 class AblationError(RuntimeError):
     """Raised at the end of an ablation in which some variants failed (after the comparison)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class ChildJob:
+    """One (variant, seed) to train: its run name and the train flow's parameters."""
+
+    name: str
+    variant: str
+    seed: int
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ChildOutcome:
     """How one (variant, seed) ended."""
 
     name: str
     variant: str
     seed: int
-    status: str  # "ok" | "failed" | "cancelled"
+    status: ChildStatus
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
     message: str = ""
@@ -113,11 +129,9 @@ def compare_task(
     failures: dict[str, str],
     command: str,
 ) -> dict[str, Any]:
-    """The study's report (:func:`tpgrpo.study.build_study_report`) to ``reports_dir``, to the
-    parent MLflow run, and as Prefect table and markdown artifacts."""
+    """The study's report (:func:`tpgrpo.reporting.study.build_study_report`) to ``reports_dir``,
+    to the parent MLflow run, and as Prefect table and markdown artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    from tpgrpo.study import build_study_report
 
     report = build_study_report(
         runs_dir,
@@ -159,7 +173,7 @@ def compare_task(
 # --------------------------------------------------------------------------- children
 
 
-def _train_deployment_ready(logger) -> bool:
+def _train_deployment_ready(logger: Logger | LoggerAdapter) -> bool:
     """Whether the ``tpgrpo-train/train`` deployment exists, is not paused (``serve`` pauses its
     deployments when it stops) and something polled for its runs recently (status READY)."""
     from prefect.client.orchestration import get_client
@@ -185,117 +199,73 @@ def _train_deployment_ready(logger) -> bool:
     return True
 
 
-def _outcome_from_state(state, name: str, variant: str, seed: int, flow_run_id: str | None) -> ChildOutcome:
+def _outcome_from_state(state: State | None, job: ChildJob, flow_run_id: str | None) -> ChildOutcome:
     if state is not None and state.is_completed():
-        return ChildOutcome(name, variant, seed, "ok", flow_run_id)
-    status = "cancelled" if state is not None and state.is_cancelled() else "failed"
+        return ChildOutcome(job.name, job.variant, job.seed, "ok", flow_run_id)
+    status: ChildStatus = "cancelled" if state is not None and state.is_cancelled() else "failed"
     message = (state.message if state is not None else None) or f"flow run ended {state.name if state else 'without a state'}"
     message = message.removeprefix("Flow run encountered an exception: ")
-    return ChildOutcome(name, variant, seed, status, flow_run_id, message=message)
+    return ChildOutcome(job.name, job.variant, job.seed, status, flow_run_id, message=message)
 
 
-def _run_in_process(jobs: list[dict[str, Any]], logger) -> list[ChildOutcome]:
+def _not_started(job: ChildJob, exc: Exception) -> ChildOutcome:
+    return ChildOutcome(job.name, job.variant, job.seed, "failed", message=f"{type(exc).__name__}: {exc}")
+
+
+def _run_in_process(jobs: list[ChildJob], logger: Logger | LoggerAdapter) -> list[ChildOutcome]:
+    """The jobs one after the other as subflows of this flow run: one model in memory at a time."""
     outcomes = []
     for job in jobs:
-        params = job["parameters"]
-        logger.info("training %s in this process", job["name"])
+        logger.info("training %s in this process", job.name)
         try:
-            state = train_variant(**params, return_state=True)
+            state = train_variant(**job.parameters, return_state=True)
         except Exception as exc:  # the subflow could not even start
-            outcomes.append(ChildOutcome(job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}"))
+            outcomes.append(_not_started(job, exc))
             continue
         flow_run_id = state.state_details.flow_run_id
-        outcomes.append(
-            _outcome_from_state(state, job["name"], params["variant"], job["seed"], str(flow_run_id) if flow_run_id else None)
-        )
-        gc.collect()  # the finished variant's model and optimizer, before the next one loads
-        _empty_accelerator_cache()
+        outcomes.append(_outcome_from_state(state, job, str(flow_run_id) if flow_run_id else None))
+        # The finished variant's model and optimizer, before the next one loads (the accelerator's
+        # caching allocator hands their memory to the next run in this process).
+        gc.collect()
     return outcomes
 
 
-def _run_on_deployment(jobs: list[dict[str, Any]], logger, max_parallel: int) -> list[ChildOutcome]:
-    """Submit the jobs to the train deployment, at most ``max_parallel`` unfinished at a time,
-    and wait for all of them."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    pending = list(jobs)
-    running: dict[str, tuple[dict[str, Any], Any]] = {}
-    outcomes: dict[str, ChildOutcome] = {}
-    with get_client(sync_client=True) as client:
-        while len(outcomes) < len(jobs):
-            while pending and len(running) < max_parallel:
-                job = pending.pop(0)
-                params = job["parameters"]
-                try:
-                    run = run_deployment(TRAIN_DEPLOYMENT, parameters=params, flow_run_name=f"train-{job['name']}", timeout=0)
-                except Exception as exc:
-                    outcomes[job["name"]] = ChildOutcome(
-                        job["name"], params["variant"], job["seed"], "failed", message=f"{type(exc).__name__}: {exc}"
-                    )
-                    continue
-                logger.info("submitted %s as flow run %s", job["name"], run.id)
-                running[job["name"]] = (job, run.id)
-            for name, (job, flow_run_id) in list(running.items()):
-                run = client.read_flow_run(flow_run_id)
-                if run.state is not None and run.state.is_final():
-                    outcomes[name] = _outcome_from_state(run.state, name, job["parameters"]["variant"], job["seed"], str(flow_run_id))
-                    logger.info("%s: %s (%d of %d done)", name, run.state.name, len(outcomes), len(jobs))
-                    del running[name]
-            if running:
-                time.sleep(POLL_SECONDS)
-    return [outcomes[job["name"]] for job in jobs]
-
-
-def _empty_accelerator_cache() -> None:
+@task(name="train", task_run_name="train-{job.name}", cache_policy=NO_CACHE, persist_result=False)
+def train_on_deployment(job: ChildJob) -> ChildOutcome:
+    """Run one job as a flow run of the train deployment (a subflow of this task) and return how
+    it ended; ``run_deployment`` returns once the flow run is final."""
     try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        run = run_deployment(TRAIN_DEPLOYMENT, parameters=job.parameters, flow_run_name=f"train-{job.name}")
+    except Exception as exc:
+        return _not_started(job, exc)
+    get_run_logger().info("%s: flow run %s ended %s", job.name, run.id, run.state.name if run.state else "without a state")
+    return _outcome_from_state(run.state, job, str(run.id))
 
 
-# --------------------------------------------------------------------------- MLflow
+def run_on_deployment(jobs: list[ChildJob], max_parallel: int) -> list[ChildOutcome]:
+    """The jobs on the train deployment, at most ``max_parallel`` unfinished at a time: each
+    :func:`train_on_deployment` task holds one of the task runner's ``max_parallel`` threads until
+    its flow run has ended, and the next job waits for a free thread. Outcomes in job order."""
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        futures = [runner.submit(train_on_deployment, {"job": job}) for job in jobs]
+        return [future.result() for future in futures]
 
 
-def _settle_mlflow(cfg: ExperimentConfig, parent_run_id: str | None, outcome: ChildOutcome) -> None:
-    """Make the child's MLflow run agree with its Prefect outcome: a failed child whose run is
-    still RUNNING (a crashed worker) is set FAILED, one that never created a run gets a FAILED
-    run, so every (variant, seed) of the ablation shows up under the parent."""
-    from tpgrpo.tracking import MLflowTracker, run_tags  # sets MLflow's no-telemetry variables first
-
-    if not cfg.tracking.uri or parent_run_id is None:
-        return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = []
-    if experiment is not None and outcome.flow_run_id:
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.{FLOW_RUN_TAG} = '{outcome.flow_run_id}'",
-            max_results=10,
-        )
-    if runs:
-        run = runs[0]
-        outcome.mlflow_run_id = run.info.run_id
-        if outcome.status != "ok":
-            client.set_tag(run.info.run_id, "error", outcome.message[:5000])
-            if run.info.status in ("RUNNING", "SCHEDULED"):
-                client.set_terminated(run.info.run_id, status="KILLED" if outcome.status == "cancelled" else "FAILED")
-        return
-    if outcome.status == "ok":
-        return
-    tags = {**run_tags(outcome.variant), SEED_TAG: str(outcome.seed), "error": outcome.message[:5000]}
-    if outcome.flow_run_id:
-        tags[FLOW_RUN_TAG] = outcome.flow_run_id
-    failed = MLflowTracker(
-        cfg.tracking.uri, cfg.tracking.experiment, run_name=outcome.name, parent_run_id=parent_run_id, tags=tags
+def _settle(cfg: ExperimentConfig, parent_run_id: str | None, outcome: ChildOutcome) -> ChildOutcome:
+    """``outcome`` with its MLflow run, made to agree with it (:func:`tpgrpo.tracking.settle_child_run`)."""
+    tags = {SEED_TAG: str(outcome.seed)} | ({FLOW_RUN_TAG: outcome.flow_run_id} if outcome.flow_run_id else {})
+    run_id = settle_child_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        parent_run_id,
+        run_name=outcome.name,
+        variant=outcome.variant,
+        status=outcome.status,
+        message=outcome.message,
+        tags=tags,
+        key_tag=FLOW_RUN_TAG,
     )
-    failed.finish("KILLED" if outcome.status == "cancelled" else "FAILED")
-    outcome.mlflow_run_id = failed.run_id
+    return replace(outcome, mlflow_run_id=run_id)
 
 
 # --------------------------------------------------------------------------- the flow
@@ -393,28 +363,24 @@ def ablation(
                 "runs_dir": cfg.runs_dir,
             }
         )
-        jobs, reused = [], []
+        jobs: list[ChildJob] = []
+        reused: list[ChildOutcome] = []
         for name in chosen:
             for seed in seed_list:
                 run = study_run_name(name, seed, settings)
-                if not restart and _finished(configs[name], seed, run):
+                if not restart and is_finished(configs[name].model_copy(update={"seed": seed}), Path(configs[name].runs_dir) / run):
                     reused.append(ChildOutcome(run, name, seed, "ok", message="reused: finished with the same settings"))
                     continue
-                jobs.append(
-                    {
-                        "name": run,
-                        "seed": seed,
-                        "parameters": {
-                            "variant": name,
-                            "params_path": str(params_file),
-                            "overrides": child_overrides,
-                            "parent_run_id": parent.run_id,
-                            "seed": seed,
-                            "run_name": run,
-                            "restart": restart,
-                        },
-                    }
-                )
+                parameters = {
+                    "variant": name,
+                    "params_path": str(params_file),
+                    "overrides": child_overrides,
+                    "parent_run_id": parent.run_id,
+                    "seed": seed,
+                    "run_name": run,
+                    "restart": restart,
+                }
+                jobs.append(ChildJob(run, name, seed, parameters))
         logger.info(
             "study %s: %d runs to train (%s x seeds %s), %d reused, in %s",
             study_name, len(jobs), ", ".join(chosen), seed_list, len(reused), cfg.runs_dir,
@@ -422,12 +388,10 @@ def ablation(
         if not jobs:
             outcomes = []
         elif not in_process and _train_deployment_ready(logger):
-            outcomes = _run_on_deployment(jobs, logger, max_parallel)
+            outcomes = run_on_deployment(jobs, max_parallel)
         else:
             outcomes = _run_in_process(jobs, logger)
-        for outcome in outcomes:
-            _settle_mlflow(cfg, parent.run_id, outcome)
-        outcomes = reused + outcomes
+        outcomes = reused + [_settle(cfg, parent.run_id, outcome) for outcome in outcomes]
         failures = {o.name: o.message or o.status for o in outcomes if o.status != "ok"}
         report = compare_task(
             study_name,
@@ -456,20 +420,6 @@ def ablation(
                 + "; ".join(f"{name}: {message}" for name, message in failures.items())
             )
     return summary
-
-
-def _finished(cfg: ExperimentConfig, seed: int, name: str) -> bool:
-    """Whether ``<runs_dir>/<name>`` holds a finished run of exactly this configuration (its
-    metrics.json for ``train.epochs``, and the recorded configuration of that seed)."""
-    from tpgrpo.runguard import recorded_config_hash, run_config
-
-    run_dir = Path(cfg.runs_dir) / name
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-    expected = run_config(cfg.model_copy(update={"seed": seed}))
-    return metrics.get("epochs") == cfg.train.epochs and recorded_config_hash(run_dir) == expected.hash
 
 
 def _command(study: str | None, variants, seeds, epochs, overrides) -> str:
@@ -533,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0 if state.is_completed() else 1)
 
 
-__all__ = ["AblationError", "ChildOutcome", "ablation", "main", "resolve_variants"]
+__all__ = ["AblationError", "ChildJob", "ChildOutcome", "ablation", "main", "resolve_variants", "run_on_deployment", "train_on_deployment"]
 
 
 if __name__ == "__main__":

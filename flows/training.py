@@ -8,8 +8,10 @@ and the MLflow step):
     rollout-epoch-N -> score-epoch-N -> credit-epoch-N -> update-epoch-N
         [-> evaluate-epoch-N on eval epochs] [-> checkpoint-epoch-N]
 
-plus ``evaluate-epoch-0`` (the base model) first and ``finalize`` last. ``score`` retries:
-a batch whose reward raised is scored again, the rollouts are kept.
+plus ``evaluate-epoch-0`` (the base model) first and ``finalize`` last. No task retries: the
+one retry layer is the remote reward client's, which retries its transport (timeouts, 5xx
+answers, failed connections) before a reward call fails; a step that raises fails the run, and the
+run resumes from its newest checkpoint when started again.
 
 Large objects (the model, rollouts, advantages) never leave the process: a task returns only
 a small summary (its metrics) to Prefect, while the step's value is handed back to the loop
@@ -28,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
 from tpgrpo.config import load_config
-from tpgrpo.study import run_name as default_run_name
+from tpgrpo.rundir import run_name as default_run_name
 
 # Prefect attaches its run-log handler to the `tpgrpo` logger (prefect.toml's extra_loggers) but
 # leaves its level at the root's WARNING, which would drop the trainer's INFO epoch lines.
@@ -39,10 +41,6 @@ DEPLOYMENT_NAME = "train"
 # MLflow tag linking a child run to its Prefect flow run (the ablation looks runs up by it).
 FLOW_RUN_TAG = "prefect_flow_run_id"
 SEED_TAG = "seed"
-
-# Per-step task options; the reward is the step that talks to outside services.
-_RETRIES: dict[str, dict[str, Any]] = {"score": dict(retries=2, retry_delay_seconds=[2, 10])}
-
 
 # The figures of each step its task's log line shows (all of them are in its result and MLflow).
 _KEY_METRICS: dict[str, tuple[str, ...]] = {
@@ -91,14 +89,7 @@ class TaskSteps:
             return summary
 
         run_name = "finalize" if name == "finalize" else f"{name}-epoch-{epoch}"
-        step = task(
-            body,
-            name=name,
-            task_run_name=run_name,
-            cache_policy=NO_CACHE,
-            persist_result=False,
-            **_RETRIES.get(name, {}),
-        )
+        step = task(body, name=name, task_run_name=run_name, cache_policy=NO_CACHE, persist_result=False)
         self._upstream = step(self._upstream)
         return box.pop("value")
 

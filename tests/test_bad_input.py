@@ -230,7 +230,10 @@ def test_bad_prompt_file(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     good = (ws / "prompts" / "train.jsonl").read_text().splitlines()[0]
     text = None if lines is None else "".join((good if line == "GOOD" else line) + "\n" for line in lines)
     train = _prompts(ws, tmp_path, text)
-    _fails(capsys, ws, _train(ws, f"data.dir={train.parent}", run_name="other"), f"{train.parent}/{expected}")
+    # World metadata is checked by the rewards that read it (the verifiable reward), when the
+    # prompt set loads; the brightness reward of this workspace reads none.
+    sets = [f"data.dir={train.parent}", *(["reward.name=verifiable"] if "metadata" in expected else [])]
+    _fails(capsys, ws, _train(ws, *sets, run_name="other"), f"{train.parent}/{expected}")
 
 
 def test_run_dir_not_writable(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

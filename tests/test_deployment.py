@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import tiny_workspace  # noqa: E402
-from tpgrpo.study import study_run_name  # noqa: E402
+from tpgrpo.rundir import study_run_name  # noqa: E402
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 

@@ -260,7 +260,7 @@ def test_full_finetuning_kl_reference_is_the_frozen_base_model(trainer_workspace
     from tpgrpo.trainer import Trainer
 
     trainer = Trainer(_full_finetune_cfg(trainer_workspace, "runs-fullft-kl"), variant="full", resume=False)
-    assert trainer.reference is not None
+    assert trainer.policy.reference is not None
     base = load_pipeline(trainer_workspace / "base").transformer.eval()
     config = base.config
     g = torch.Generator().manual_seed(0)
@@ -304,7 +304,7 @@ def test_full_finetuning_kl_reference_is_the_frozen_base_model(trainer_workspace
     v_ref, v_trained = velocities()
     torch.testing.assert_close(v_ref, v_base, **close, msg="the KL reference is not the base model")
     assert (v_trained - v_base).abs().max() > 1e-3  # the trained weights did move
-    assert all(not p.requires_grad for p in trainer.reference.parameters())
+    assert all(not p.requires_grad for p in trainer.policy.reference.parameters())
 
     second = trainer.update(samples, credit).metrics
     print("loss/kl after the weights moved:", second["loss/kl"])

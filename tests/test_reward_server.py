@@ -51,22 +51,24 @@ def reference_url() -> Iterator[str]:
         yield url
 
 
-Reply = tuple[int, bytes] | Callable[[], tuple[int, bytes]]
+Reply = tuple[int, bytes] | tuple[int, bytes, dict[str, str]] | Callable[[], tuple[int, bytes]]
 
 
 @contextmanager
 def scripted(*replies: Reply) -> Iterator[tuple[str, list[dict]]]:
-    """A server answering the n-th POST with ``replies[n]`` (the last one repeats); yields its URL
-    and the decoded requests it received."""
+    """A server answering the n-th POST with ``replies[n]``, (status, body) or (status, body,
+    headers) (the last one repeats); yields its URL and the decoded requests it received."""
     received: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             reply = replies[min(len(received), len(replies)) - 1]
-            status, body = reply() if callable(reply) else reply
+            status, body, *headers = reply() if callable(reply) else reply
             try:
                 self.send_response(status)
+                for key, value in (headers[0] if headers else {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -182,6 +184,42 @@ def test_4xx_is_not_retried() -> None:
             build_reward("remote", url=url, retries=3, backoff=0.0)(images, prompts, metadata)
     assert len(received) == 1
     assert isinstance(info.value, UserError)
+
+
+def test_retry_waits_double_from_backoff() -> None:
+    # The k-th retry arrives backoff * 2**k after the failure before it, from k = 0: urllib3 alone
+    # would retry the first failure at once.
+    arrivals: list[float] = []
+
+    def arriving(reply: tuple[int, bytes]) -> Callable[[], tuple[int, bytes]]:
+        def answer() -> tuple[int, bytes]:
+            arrivals.append(time.perf_counter())
+            return reply
+
+        return answer
+
+    images, prompts, metadata = world_batch(1, 10)
+    busy = arriving((503, b'{"error": "busy"}'))
+    with scripted(busy, busy, busy, arriving(ok([1.0]))) as (url, received):
+        out = build_reward("remote", url=url, retries=3, backoff=0.2)(images, prompts, metadata)
+    assert out.scores.tolist() == [1.0] and len(received) == 4
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    for k, gap in enumerate(gaps):
+        assert 0.2 * 2**k <= gap < 0.2 * 2**k + 0.15, gaps
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "reason"),
+    [(404, {}, "Not Found"), (413, {"Retry-After": "1"}, "Request Entity Too Large"), (429, {"Retry-After": "1"}, "Too Many Requests")],
+)
+def test_4xx_is_tried_once_even_with_retry_after(status: int, headers: dict[str, str], reason: str) -> None:
+    images, prompts, metadata = world_batch(1, 11)
+    with scripted((status, b'{"error": "not now"}', headers), ok([1.0])) as (url, received):
+        start = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match=rf"^{URL}: HTTP {status} {reason}: not now$"):
+            build_reward("remote", url=url, retries=3, backoff=5.0)(images, prompts, metadata)
+        assert time.perf_counter() - start < 4
+    assert len(received) == 1
 
 
 def test_timeout_is_a_clear_error() -> None:

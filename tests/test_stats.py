@@ -1,14 +1,16 @@
-"""Study statistics (tpgrpo.stats): hand-worked values, scipy's own routines, simulation."""
+"""Study statistics (tpgrpo.reporting.stats): hand-worked values, scipy's own routines, simulation."""
 
 import math
+import statistics
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from tpgrpo.stats import (
+from tpgrpo.reporting.stats import (
     bootstrap_variance,
     detectable_effect,
+    mean_std,
     paired_estimate,
     seeds_for_half_width,
     t_interval,
@@ -16,11 +18,23 @@ from tpgrpo.stats import (
 )
 
 
+def test_mean_std_by_hand_and_against_the_standard_library():
+    mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(5.0 / 3.0))  # (2.25+0.25+0.25+2.25)/3
+    assert mean_std([5.0]) == (5.0, None)
+    assert mean_std([]) == (None, None)
+    values = [0.53, 0.57, 0.55, 0.49, 0.61]
+    assert mean_std(values) == (pytest.approx(statistics.fmean(values)), pytest.approx(statistics.stdev(values)))
+
+
 def test_t_interval_hand_worked():
     # mean 2, sd 1, n 3: t(0.975, 2) = 4.302652729749464, half-width 4.3027 / sqrt(3).
-    mean, half = t_interval([1.0, 2.0, 3.0])
-    assert mean == 2.0
-    assert half == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-12)
+    interval = t_interval([1.0, 2.0, 3.0])
+    assert interval.mean == 2.0
+    assert interval.half_width == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-12)
+    assert t_interval([0.5, 0.5]).half_width == 0.0  # identical values: an interval of width 0
+    with pytest.raises(ValueError):
+        t_interval([1.0])
 
 
 def test_paired_estimate_matches_scipy_t_test():

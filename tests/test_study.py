@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tpgrpo.study import (
+from tpgrpo.reporting.study import (
     build_study_report,
     epochs_to_reach,
     mean_curve,
-    mean_std,
     read_seed_run,
     run_name,
     settings_key,
@@ -30,15 +29,6 @@ def name_of(variant: str, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def test_mean_std_by_hand_and_against_the_standard_library() -> None:
-    mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
-    assert mean == 2.5 and std == pytest.approx(math.sqrt(5.0 / 3.0))  # (2.25+0.25+0.25+2.25)/3
-    assert mean_std([5.0]) == (5.0, None)
-    assert mean_std([]) == (None, None)
-    values = [0.53, 0.57, 0.55, 0.49, 0.61]
-    assert mean_std(values) == (pytest.approx(statistics.fmean(values)), pytest.approx(statistics.stdev(values)))
 
 
 def test_epochs_to_reach_is_the_first_evaluation_at_or_above_the_target() -> None:
@@ -83,12 +73,13 @@ def _write_run(
 ) -> None:
     """A run directory as the trainer leaves it: metrics.json (with ``details``: name -> (initial,
     final)), history.csv with an eval every other epoch and, for TP-GRPO, per-step turning rates
-    (one list of per-step rates per epoch), and per-prompt scores (base, final) when given."""
+    (one list of per-step rates per epoch), timing.csv (``minutes`` at the last epoch), and
+    per-prompt scores (base, final) when given."""
     run = runs / name
     run.mkdir(parents=True)
     epochs = max(evals)
     final = evals[epochs]
-    metrics = {"epochs": epochs, "eval_reward": final, "eval_reward_initial": base, "minutes": minutes}
+    metrics = {"epochs": epochs, "eval_reward": final, "eval_reward_initial": base}
     for key, (initial, last) in (details or {}).items():
         metrics[f"eval_{key}"], metrics[f"eval_{key}_initial"] = last, initial
     (run / "metrics.json").write_text(json.dumps(metrics))
@@ -103,6 +94,8 @@ def _write_run(
             row += [str(r) for r in rates] + [str(sum(rates) / len(rates))]
         lines.append(",".join(row))
     (run / "history.csv").write_text("\n".join(lines) + "\n")
+    timing = "".join(f"{epoch},{minutes * epoch / epochs}\n" for epoch in range(1, epochs + 1))
+    (run / "timing.csv").write_text("epoch,time/minutes\n" + timing)
     if scores is not None:
         (run / "eval_scores").mkdir()
         for epoch, values in ((0, scores[0]), (epochs, scores[1])):
@@ -115,9 +108,9 @@ def study_runs(tmp_path: Path) -> Path:
     """Reference flow_grpo on seeds 1-3; tp_grpo on seeds 1-3; tp_grpo_x on seeds 1-2 only
     (seed 3 never wrote metrics); seed 42 is the params seed (directory without a suffix)."""
     runs = tmp_path / "runs"
-    _write_run(runs, "flow_grpo-seed1", 0.50, {2: 0.51, 4: 0.52})
-    _write_run(runs, "flow_grpo-seed2", 0.52, {2: 0.52, 4: 0.53})
-    _write_run(runs, "flow_grpo-seed3", 0.51, {2: 0.53, 4: 0.54})
+    _write_run(runs, "flow_grpo-seed1", 0.50, {2: 0.51, 4: 0.52}, minutes=1.0)
+    _write_run(runs, "flow_grpo-seed2", 0.52, {2: 0.52, 4: 0.53}, minutes=1.5)
+    _write_run(runs, "flow_grpo-seed3", 0.51, {2: 0.53, 4: 0.54}, minutes=2.0)
     # tp_grpo reaches flow_grpo's per-seed final (0.52 / 0.53 / 0.54) at epochs 2 / 4 / never.
     turning = [[0.3, 0.1, 0.0], [0.1, 0.1, 0.0], [0.2, 0.0, 0.0], [0.2, 0.2, 0.0]]
     _write_run(runs, "tp_grpo-seed1", 0.50, {2: 0.52, 4: 0.55}, turning)
@@ -135,6 +128,7 @@ def test_read_seed_run_collects_the_eval_curve_and_turning_rates(study_runs: Pat
     # per step, mean over the 4 epochs: (0.3+0.1+0.2+0.2)/4, (0.1+0.1+0+0.2)/4, 0
     assert run.turning_per_step == pytest.approx({1: 0.2, 2: 0.1, 3: 0.0})
     assert run.turning_rate == pytest.approx(0.1)
+    assert run.minutes == 1.0  # timing.csv's last row
     missing = read_seed_run(study_runs / "tp_grpo_x-seed3", 3)
     assert not missing.ok and "metrics.json" in missing.reason
     failed = read_seed_run(study_runs / "tp_grpo-seed1", 1, failure="RewardError: boom")
@@ -165,6 +159,7 @@ def test_study_aggregates_over_seeds(study_runs: Path, tmp_path: Path) -> None:
     assert flow.vs_reference is None
     assert flow.epochs_to_reach == {1: 4, 2: 4, 3: 4}
     assert flow.turning_rate_mean is None and flow.turning_per_step_mean == {}  # outcome credit
+    assert flow.minutes_mean == pytest.approx(1.5)  # timing.csv: 1.0, 1.5, 2.0
 
     finals = [0.55, 0.56, 0.53]
     assert tp.final_mean == pytest.approx(statistics.fmean(finals)) and tp.final_std == pytest.approx(statistics.stdev(finals))
@@ -192,6 +187,7 @@ def test_study_aggregates_over_seeds(study_runs: Path, tmp_path: Path) -> None:
     m = statistics.fmean(diffs)
     assert f"| `tp_grpo` | 3/3 | 0.547 ± 0.015 | +0.037 [-0.001, +0.075] | +0.017 [{m - half:+.3f}, {m + half:+.3f}] |" in text
     assert "| `flow_grpo` | 3/3 | 0.530 ± 0.010 | +0.020 [-0.005, +0.045] | (reference) |" in text
+    assert text.splitlines()[text.splitlines().index("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|") + 1].endswith(" | 1.50 |")
     assert "| `tp_grpo_x` | 2/3 |" in text and "| `tp_grpo_x` | 0.500 | 0.520 | n/a (failed) |" in text
     assert "- `tp_grpo_x-seed3`: no " in text
     assert "| `tp_grpo` | 0.167 ± 0.058 | 0.083 ± 0.029 | 0.000 ± 0.000 |" in text
@@ -299,9 +295,9 @@ def test_failures_override_what_is_on_disk(study_runs: Path, tmp_path: Path) -> 
 def test_mean_curve_uses_epochs_every_seed_evaluated(study_runs: Path) -> None:
     runs = [read_seed_run(study_runs / f"flow_grpo-seed{s}", s) for s in (1, 2, 3)]
     curve = mean_curve(runs)
-    assert [e for e, _, _ in curve] == [0, 2, 4]
-    assert curve[0][1] == pytest.approx(0.51) and curve[0][2] == pytest.approx(0.01)
-    assert curve[2][1] == pytest.approx(0.53)
+    assert [p.epoch for p in curve] == [0, 2, 4]
+    assert curve[0].mean == pytest.approx(0.51) and curve[0].std == pytest.approx(0.01)
+    assert curve[2].mean == pytest.approx(0.53)
 
 
 def test_report_is_logged_to_the_parent_mlflow_run(study_runs: Path, tmp_path: Path) -> None:

@@ -269,7 +269,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     <study>.json and plots in ablation.reports_dir. --study NAME picks a study under `studies`
     (default: the `ablation` section). The study itself runs as the Prefect deployment
     tpgrpo/ablation (--param study=NAME)."""
-    from tpgrpo.reporting.study import build_study_report, study_run_name
+    from tpgrpo.reporting.study import build_study_report
+    from tpgrpo.rundir import study_run_name
 
     cfg = _config(args)
     spec = cfg.study(args.study)

@@ -316,13 +316,13 @@ class PipelineSection(_Section):
 
 class StudySection(_Section):
     """One seeded comparison: every (variant, seed) trains with the study's settings on top of the
-    variant's own, and the report compares the variants seed by seed (:mod:`tpgrpo.study`).
+    variant's own, and the report compares the variants seed by seed (:mod:`tpgrpo.reporting.study`).
 
     ``epochs`` and ``eval_prompts`` (None: the params file's ``train.epochs`` and
     ``eval.num_prompts``) and then ``overrides`` (dotted, as in a variant) apply to every run.
     ``reference``: the variant every other one is compared with (paired difference, its 95%
     interval and detectable effect, epochs to reach the reference's final eval reward). Runs are
-    named by variant, seed and these settings (:func:`tpgrpo.study.study_run_name`), so studies
+    named by variant, seed and these settings (:func:`tpgrpo.rundir.study_run_name`), so studies
     that share a (variant, seed, settings) share its run, trained once.
     """
 

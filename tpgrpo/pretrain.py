@@ -54,7 +54,7 @@ from tpgrpo.data import PromptSet
 from tpgrpo.ema import WeightEMA
 from tpgrpo.evaluate import EvalResult, evaluate_prompts
 from tpgrpo.models import TinySD3Config, build_tiny_sd3, load_adapter, save_pipeline
-from tpgrpo.models.base import _quiet_progress
+from tpgrpo.models.base import quiet_progress
 from tpgrpo.fileio import atomic_write_json
 from tpgrpo.rewards import RewardFunction, build_reward, reward_from_section
 
@@ -491,7 +491,7 @@ def _pretrain(
 
     save_pipeline(pipe, out_dir)
     del pipe
-    with _quiet_progress():
+    with quiet_progress():
         reloaded = StableDiffusion3Pipeline.from_pretrained(out_dir, local_files_only=True)
     reloaded.set_progress_bar_config(disable=True)
 

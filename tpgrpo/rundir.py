@@ -17,6 +17,7 @@ Files (the trainer writes them on the main process):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -27,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from tpgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from tpgrpo.errors import TrackingError, UserError
 from tpgrpo.fileio import atomic_write_json, atomic_write_text
-from tpgrpo.runguard import RunLock, check_resume, run_config
+from tpgrpo.runguard import RunLock, check_resume, recorded_config_hash, run_config
 from tpgrpo.tracking import MissingRunError, Tracker, finishing, open_tracker, run_tags
 
 if TYPE_CHECKING:
@@ -48,6 +48,29 @@ CHECKPOINTS = "checkpoints"
 # history rows carry wall-clock figures under this prefix; they go to timing.csv and the tracker.
 TIME_PREFIX = "time/"
 _STEP_COLUMN = re.compile(r"^turning/rate_step_(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------- naming
+
+
+def settings_key(settings: Sequence[str]) -> str:
+    """A short hash of a study's run settings (``KEY=VALUE`` strings): the value each key ends
+    with, keys sorted, so the order they are listed in does not matter."""
+    final = dict(item.partition("=")[::2] for item in settings)
+    return hashlib.sha256("\n".join(f"{k}={final[k]}" for k in sorted(final)).encode()).hexdigest()[:8]
+
+
+def study_run_name(variant: str, seed: int, settings: Sequence[str]) -> str:
+    """A study run's name and directory under ``ablation.runs_dir``:
+    ``<variant>-seed<N>-<settings key>``. Studies that run a variant on a seed with the same
+    settings name the same run, so it trains once."""
+    return f"{variant}-seed{seed}-{settings_key(settings)}"
+
+
+def run_name(variant: str, seed: int | None, params_seed: int) -> str:
+    """A run's name and directory under ``runs_dir``: ``<variant>`` for the params file's seed
+    (so ``dvc repro`` and the flows share ``runs/<variant>``), ``<variant>-seed<N>`` otherwise."""
+    return variant if seed is None or seed == params_seed else f"{variant}-seed{seed}"
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -230,6 +253,16 @@ def read_run(run_dir: Path, failure: str | None = None) -> RunRecord:
     return RunRecord(run_dir.name, True, "", metrics, history, minutes)
 
 
+def read_eval_scores(run_dir: Path, epoch: int) -> tuple[float, ...] | None:
+    """The per-prompt evaluation rewards of ``eval_scores/epoch_<N>.csv`` in prompt order; None
+    when missing or unreadable."""
+    try:
+        with (run_dir / EVAL_SCORES / f"epoch_{epoch:04d}.csv").open(newline="") as f:
+            return tuple(float(row["reward"]) for row in csv.DictReader(f))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def read_history(run_dir: Path) -> pd.DataFrame | None:
     """``history.csv`` as numbers, sorted by epoch; None when missing, unreadable or empty."""
     frame = _read_csv(run_dir / HISTORY)
@@ -278,12 +311,24 @@ def number(value: Any) -> float | None:
 def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
     """Refuse (:class:`~tpgrpo.runguard.ConfigMismatchError`, one line) to continue the newest
     checkpoint of ``run_dir`` with a configuration that changes its result."""
+    # Imported here: the readers above serve `tpgrpo report`, which needs no torch.
+    from tpgrpo.checkpoint import latest_checkpoint, load_checkpoint
+
     path = latest_checkpoint(run_dir / CHECKPOINTS)
     if path is None:
         return
-    recorded = load_checkpoint(path, rng=False, verify=False).meta.get("config")
+    recorded = load_checkpoint(path, verify=False).meta.get("config")
     if recorded is not None:
         check_resume(recorded, run_config(cfg).fields, run_dir)
+
+
+def is_finished(cfg: ExperimentConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``cfg`` (its metrics.json for
+    ``train.epochs`` and its recorded configuration), so a study can reuse it."""
+    record = read_run(run_dir)
+    if not record.ok or record.metrics.get("epochs") != cfg.train.epochs:
+        return False
+    return recorded_config_hash(run_dir) == run_config(cfg).hash
 
 
 @contextmanager
@@ -308,6 +353,8 @@ def tracked_run(
     accelerator's ``wait_for_everyone``) holds them until the main process has cleared the
     directory.
     """
+    from tpgrpo.checkpoint import latest_checkpoint
+
     run_dir = Path(cfg.runs_dir) / name
     with RunLock(cfg.runs_dir, name) if is_main else nullcontext():
         if restart and is_main and run_dir.exists():

@@ -61,6 +61,9 @@ _log = logging.getLogger(__name__)
 
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+# How a child run (one training run of an ablation) ended, as its orchestrator saw it.
+ChildStatus = Literal["ok", "failed", "cancelled"]
+ERROR_TAG = "error"  # why a child run failed (settle_child_run)
 
 # MLflow's limits (mlflow.utils.validation); copied so that formatting values needs no import.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -748,14 +751,14 @@ def _summary_text(summary: Mapping[str, float]) -> list[str]:
     return parts
 
 
-def key_metrics(summary: Mapping[str, float | None]) -> dict[str, float]:
-    """The :data:`KEY_METRICS` of a finished run, from its :func:`tpgrpo.summary.run_summary`,
-    rounded; those the run has no value for are left out."""
+def key_metrics(summary: Mapping[str, float | None], minutes: float | None) -> dict[str, float]:
+    """The :data:`KEY_METRICS` of a finished run, from its :func:`tpgrpo.summary.run_summary` and
+    its wall-clock ``minutes``, rounded; those the run has no value for are left out."""
     values = {
         "summary/eval_reward": summary.get("reward"),
         "summary/eval_reward_change": summary.get("delta"),
         "summary/turning_rate": summary.get("turning_rate"),
-        "summary/minutes": summary.get("minutes"),
+        "summary/minutes": minutes,
     }
     return {k: round(v, _KEY_METRIC_DIGITS.get(k, 4)) for k, v in values.items() if v is not None}
 
@@ -826,7 +829,7 @@ def _key_metrics_from_history(client: "MlflowClient", run: Any) -> list[Any]:
         return []
     base = evals[0].value if evals[0].step == 0 else None
     rates = [m.value for m in history("turning/rate")]
-    values = key_metrics(run_summary(evals[-1].value, base, rates, minutes[-1].value))
+    values = key_metrics(run_summary(evals[-1].value, base, rates), minutes[-1].value)
     step = max(evals[-1].step, minutes[-1].step)
     return [Metric(k, v, minutes[-1].timestamp, step) for k, v in values.items()]
 
@@ -855,6 +858,76 @@ def log_to_run(uri: str | None, run_id: str | None, paths: Sequence[str | Path],
     for file in files:
         client.log_artifact(run_id, str(file), artifact_path=dest)
     return True
+
+
+def log_metrics_to_run(uri: str | None, run_id: str | None, metrics: Mapping[str, float | None], step: int = 0) -> bool:
+    """Log ``metrics`` at ``step`` into an existing run, leaving its status as it is (like
+    :func:`log_to_run`): e.g. a report's figures on an ablation's parent run, which may have
+    finished. Names are made valid; None and non-finite values are left out. Does nothing and
+    returns False without a tracking URI or run id."""
+    if not uri or not run_id:
+        return False
+    _import_mlflow()
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    values = {sanitize_name(key): _finite(value) for key, value in metrics.items()}
+    batch = [Metric(key, value, timestamp, int(step)) for key, value in values.items() if value is not None]
+    client = MlflowClient(tracking_uri=uri)
+    for i in range(0, len(batch), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
+    return True
+
+
+def settle_child_run(
+    uri: str | None,
+    experiment: str,
+    parent_run_id: str | None,
+    *,
+    run_name: str,
+    variant: str,
+    status: ChildStatus,
+    message: str = "",
+    tags: Mapping[str, str] | None = None,
+    key_tag: str | None = None,
+) -> str | None:
+    """Make a child run under ``parent_run_id`` agree with how its orchestrator says it ended, so
+    that every child of an ablation shows up under the parent with its true status. Returns the
+    child's MLflow run id; None when it has none, and without a tracking URI or parent run.
+
+    The child is the run of ``experiment`` whose tag ``key_tag`` has the value ``tags[key_tag]``
+    (the orchestrator's id for it, which the run logged). One that did not end ``ok`` gets the
+    tag ``error`` (``message``) and, still RUNNING or SCHEDULED (a crashed worker never closed
+    it), ends FAILED (KILLED when ``cancelled``). When there is no such run (the child died before
+    creating one), a failed child gets a new run under the parent, named ``run_name``, with
+    :func:`run_tags` of ``variant``, ``tags`` and the error, ended FAILED (KILLED)."""
+    if not uri or parent_run_id is None:
+        return None
+    _import_mlflow()
+    from mlflow import MlflowClient
+
+    tags = dict(tags or {})
+    end: Status = "KILLED" if status == "cancelled" else "FAILED"
+    client = MlflowClient(tracking_uri=uri)
+    found = []
+    exp = client.get_experiment_by_name(experiment) if key_tag in tags else None
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.{key_tag} = '{tags[key_tag]}'", max_results=1)
+    if found:
+        run = found[0].info
+        if status != "ok":
+            client.set_tag(run.run_id, ERROR_TAG, truncate(message, MAX_TAG_VALUE_LENGTH))
+            if run.status in ("RUNNING", "SCHEDULED"):
+                client.set_terminated(run.run_id, status=end)
+        return run.run_id
+    if status == "ok":
+        return None
+    created = MLflowTracker(
+        uri, experiment, run_name=run_name, parent_run_id=parent_run_id, tags={**run_tags(variant), **tags, ERROR_TAG: message}
+    )
+    created.finish(end)
+    return created.run_id
 
 
 def _check_writable_db(uri: str, db: Path) -> None:
@@ -891,6 +964,7 @@ def open_tracker(uri: str | None, experiment: str, *, is_main_process: bool, **k
 
 
 __all__ = [
+    "ChildStatus",
     "KEY_METRICS",
     "MLflowTracker",
     "MissingRunError",
@@ -907,11 +981,13 @@ __all__ = [
     "format_value",
     "key_metrics",
     "key_metrics_view",
+    "log_metrics_to_run",
     "log_to_run",
     "open_tracker",
     "prepare_experiment",
     "run_tags",
     "sanitize_name",
+    "settle_child_run",
     "sqlite_db_path",
     "ui_url",
 ]

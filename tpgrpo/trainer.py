@@ -27,21 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from tpgrpo import rundir
 from tpgrpo.advantages import group_advantages, local_rows
-from tpgrpo.checkpoint import (
-    begin_checkpoint,
-    capture_rng_state,
-    commit_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    write_main_state,
-    write_rank_state,
-)
+from tpgrpo.checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, load_checkpoint, write_main_state
 from tpgrpo.config import ExperimentConfig
 from tpgrpo.console import epoch_line, log, plural
 from tpgrpo.credit import assign_credit
@@ -332,15 +322,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and outputs
 
     def save_checkpoint(self) -> None:
-        """A checkpoint of the epoch: weights, EMA, optimizer, every process's RNG and the
-        history (without wall-clock figures, so identical runs give identical checkpoints); then
-        ``history.csv``/``timing.csv`` and the tracker run a resume continues."""
-        directory = self.run_dir / rundir.CHECKPOINTS
-        tmp = begin_checkpoint(directory, self.epoch) if self.is_main else None
+        """A checkpoint of the epoch (main process): weights, EMA, optimizer and the history without
+        its wall-clock figures, so identical runs give identical checkpoints; then
+        ``history.csv``/``timing.csv`` and the tracker run a resume continues. No RNG state: every
+        draw of the training comes from a generator seeded by (seed, epoch, batch, process)."""
         self.acc.wait_for_everyone()
-        # The main process names the staging directory; the others write their RNG files into it.
-        tmp = Path(broadcast_object_list([str(tmp) if tmp else ""], from_process=0)[0])
-        write_rank_state(tmp, self.acc.process_index, capture_rng_state())
         if self.is_main:
             p = self.policy
             meta = {
@@ -355,10 +341,9 @@ class Trainer:
                 "nonfinite_streak": self.updater.nonfinite_streak,
                 "history": [rundir.without_timing(row) for row in self.history],
             }
+            tmp = begin_checkpoint(self.run_dir / rundir.CHECKPOINTS, self.epoch)
             ema = p.trainable_state(ema=True) if p.ema is not None else None
             write_main_state(tmp, epoch=self.epoch, weights=p.trainable_state(), ema=ema, optimizer_state_dict=p.inner_optimizer.state_dict(), meta=meta)
-        self.acc.wait_for_everyone()
-        if self.is_main:
             commit_checkpoint(tmp, world_size=self.acc.num_processes)
             rundir.write_history(self.run_dir, self.history)
             rundir.write_run_id(self.run_dir, self.tracker.run_id)
@@ -368,7 +353,7 @@ class Trainer:
         path = latest_checkpoint(self.run_dir / rundir.CHECKPOINTS)
         if path is None:
             return
-        ckpt = load_checkpoint(path, rank=self.acc.process_index, world_size=self.acc.num_processes)
+        ckpt = load_checkpoint(path, world_size=self.acc.num_processes)
         if "config" in ckpt.meta:
             check_resume(ckpt.meta["config"], self.run_config.fields, self.run_dir)
         p = self.policy
@@ -382,8 +367,6 @@ class Trainer:
                 p.ema.load(ckpt.ema)
         if ckpt.optimizer is not None:
             p.inner_optimizer.load_state_dict(ckpt.optimizer)
-        if ckpt.rng is not None:
-            restore_rng_state(ckpt.rng)
         self.epoch = ckpt.epoch
         self.history = rundir.restore_timing(self.run_dir, ckpt.meta.get("history", []))
         self.eval_initial = ckpt.meta.get("eval_initial")

@@ -255,7 +255,7 @@ def save_pipeline(pipe: DiffusionPipeline, path: str | os.PathLike[str]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with _quiet_progress():
+        with quiet_progress():
             pipe.save_pretrained(tmp, safe_serialization=True)
         if path.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.
@@ -288,7 +288,7 @@ def load_pipeline(
         raise ModelLoadError(f"{path}: not a diffusers pipeline directory (model_index.json missing)")
     try:
         # local_files_only: a relative path such as "models/base" must never turn into a Hub lookup.
-        with _quiet_progress():
+        with quiet_progress():
             pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as exc:  # the loaders raise many types (OSError, ValueError, SafetensorError...)
         detail = str(exc).strip().splitlines()
@@ -301,7 +301,7 @@ def load_pipeline(
 
 
 @contextmanager
-def _quiet_progress() -> Iterator[None]:
+def quiet_progress() -> Iterator[None]:
     """Silence the per-component / per-shard progress bars of diffusers and transformers, which
     would print a dozen bars for every tiny-model checkpoint; restores the previous setting."""
     libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]

@@ -21,19 +21,26 @@ that may pass (retried); the body may be ``{"error": "<one line>"}``.
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import math
-import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import urllib3
 from PIL import Image
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from tpgrpo.errors import UserError
 from tpgrpo.rewards import RewardOutput
@@ -93,6 +100,15 @@ def values_from_json(values: Any, batch: int, what: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def _pool_for(url: str, **options: Any) -> urllib3.PoolManager:
+    """A connection pool for ``url``, through the proxy the environment names for it
+    (``https_proxy``, ``http_proxy``, ``no_proxy``), as ``urllib.request`` would: urllib3 alone
+    ignores those variables."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = None if urllib.request.proxy_bypass(parts.hostname or "") else urllib.request.getproxies().get(parts.scheme)
+    return urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+
+
 def values_to_json(values: torch.Tensor) -> list[float | None]:
     """float [B] -> a JSON list, non-finite values as null."""
     return [v if math.isfinite(v) else None for v in values.detach().to("cpu", torch.float64).tolist()]
@@ -102,10 +118,29 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+class _Retry(urllib3.util.Retry):
+    """urllib3's retry policy, waiting before the first retry too.
+
+    urllib3 sleeps ``backoff_factor * 2**(n - 1)`` after the n-th consecutive failure but skips the
+    sleep after the first (its waits are 0, 2b, 4b, ...): a reward server that answers 5xx or
+    refuses connections is busy or restarting, which an immediate retry rarely outlasts, so this
+    protocol's waits are b, 2b, 4b, ...
+    """
+
+    def get_backoff_time(self) -> float:
+        # Redirects are not followed, so the history holds only the consecutive failures.
+        if len(self.history) == 1:
+            return float(min(self.backoff_max, self.backoff_factor))
+        return super().get_backoff_time()
+
+
 class RemoteReward:
-    """url: the server's endpoint (http or https); timeout: seconds per attempt; retries: further
-    attempts after a connection error, timeout or 5xx, waiting ``backoff * 2**k`` seconds before
-    the k-th (4xx is never retried)."""
+    """url: the server's endpoint (http or https); timeout: seconds to connect and to wait for each
+    read; retries: further attempts after a connection error, timeout or 5xx, waiting
+    ``backoff * 2**k`` seconds (at most 120, urllib3's cap) before the k-th, k = 0, 1, ...
+    4xx is never retried, a ``Retry-After`` header is ignored and redirects are not followed.
+
+    urllib3 does the retrying; the proxy settings of the environment apply as in ``urllib.request``."""
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0) -> None:
         if not url.startswith(("http://", "https://")):
@@ -117,37 +152,55 @@ class RemoteReward:
         if not backoff >= 0:
             raise ValueError(f"remote reward option backoff must be >= 0, got {backoff!r}")
         self.url, self.timeout, self.retries, self.backoff = url, float(timeout), retries, float(backoff)
+        self._retry = _Retry(
+            total=retries,
+            # Scoring has no side effects, so a POST is as safe to resend as a GET.
+            allowed_methods={"POST"},
+            status_forcelist=range(500, 600),
+            backoff_factor=self.backoff,
+            # The last 5xx comes back as a response, so its status and error line can be reported.
+            raise_on_status=False,
+            # urllib3 would also retry a 413 or 429 that carries Retry-After, and wait as long as the
+            # header says (up to 6 hours); the schedule above is the documented one.
+            respect_retry_after_header=False,
+        )
 
     def _fail(self, reason: str) -> RemoteRewardError:
         return RemoteRewardError(f"reward server {self.url}: {reason}")
 
     def post(self, body: bytes) -> bytes:
         """POST ``body`` (JSON) and return the response body, retrying transient failures."""
-        failure = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(
-                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as exc:
-                failure = f"HTTP {exc.code} {exc.reason}{_error_text(exc)}"
-                if exc.code < 500:
-                    raise self._fail(failure) from None
-            except TimeoutError:
-                failure = f"no response within {self.timeout:g} s (timeout)"
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, TimeoutError):
-                    failure = f"no connection within {self.timeout:g} s (timeout)"
-                else:
-                    failure = f"cannot connect ({exc.reason})"
-            except (ConnectionError, http.client.HTTPException) as exc:
-                failure = f"connection failed ({type(exc).__name__}: {exc})"
         attempts = "1 attempt" if self.retries == 0 else f"{self.retries + 1} attempts"
-        raise self._fail(f"{failure}; gave up after {attempts}")
+        # A pool per call: a keep-alive connection left from the previous batch may have been closed
+        # by the server meanwhile, and sending on it would spend a retry.
+        with _pool_for(self.url, retries=self._retry, timeout=urllib3.Timeout(self.timeout)) as pool:
+            try:
+                response = pool.request(
+                    "POST", self.url, body=body, headers={"Content-Type": "application/json"}, redirect=False
+                )
+            except MaxRetryError as exc:
+                raise self._fail(f"{self._describe(exc.reason)}; gave up after {attempts}") from None
+            except urllib3.exceptions.HTTPError as exc:  # not retried, e.g. a URL without a host
+                raise self._fail(self._describe(exc)) from None
+        if 200 <= response.status < 300:
+            return response.data
+        failure = f"HTTP {response.status} {response.reason}{_error_text(response.data)}"
+        # A 5xx response is returned only once the retries are spent.
+        raise self._fail(f"{failure}; gave up after {attempts}" if response.status >= 500 else failure)
+
+    def _describe(self, error: Exception | None) -> str:
+        """One line on why an attempt got no response."""
+        if isinstance(error, ReadTimeoutError):
+            return f"no response within {self.timeout:g} s (timeout)"
+        if isinstance(error, NewConnectionError):  # a subclass of ConnectTimeoutError
+            return f"cannot connect ({error.__cause__ or error})"
+        if isinstance(error, ConnectTimeoutError):
+            return f"no connection within {self.timeout:g} s (timeout)"
+        if isinstance(error, SSLError):
+            return f"cannot connect ({error})"
+        if isinstance(error, ProtocolError) and len(error.args) == 2 and isinstance(error.args[1], Exception):
+            error = error.args[1]  # ("Connection aborted.", <the socket or http.client error>)
+        return f"connection failed ({type(error).__name__}: {error})"
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
@@ -178,12 +231,9 @@ class RemoteReward:
             raise self._fail(f"malformed response: {str(exc).splitlines()[0]}") from None
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
+def _error_text(body: bytes) -> str:
     """': <the server's error line>' from an error response body, or '' when it has none."""
-    try:
-        text = exc.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
+    text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
         text = str(data["error"]) if isinstance(data, dict) and "error" in data else text

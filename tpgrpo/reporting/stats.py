@@ -14,14 +14,17 @@ Then Var(d_s) = σ²_seed + E[v_s], and the reported split is ``eval_std`` = sqr
 evaluation's share of one seed's difference) and ``seed_std`` = sqrt(max(s² − mean_s v_s, 0)).
 More prompts shrink only the first; more seeds shrink the interval of the mean in both.
 
-Everything uses scipy's distributions (Student's t, the noncentral t), not tables.
+Intervals, tests and power are scipy's (``scipy.stats``: Student's t, the noncentral t, the
+one-sample t test), means and standard deviations numpy's; no formulas of our own. (scipy's
+``tstd`` warns of precision loss whenever the values are nearly equal, say a gain the same on
+every seed, and the warning would reach the terminal of every ``tpgrpo study``.)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from scipy import optimize, stats
@@ -30,15 +33,40 @@ CONFIDENCE = 0.95
 POWER = 0.8
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Mean ± half-width of the two-sided ``confidence`` interval of the mean of ``values``
-    (Student's t, n − 1 degrees of freedom). Needs two values or more."""
+class MeanStd(NamedTuple):
+    """A sample's mean and standard deviation (n − 1); None where there are too few values."""
+
+    mean: float | None
+    std: float | None
+
+
+class Interval(NamedTuple):
+    """The mean of a sample and the half-width of its interval: mean ± half_width."""
+
+    mean: float
+    half_width: float
+
+
+def mean_std(values: Sequence[float]) -> MeanStd:
+    """Mean and sample standard deviation (n − 1); both None for no values, std None for one."""
     x = np.asarray(values, dtype=np.float64)
-    n = x.size
-    if n < 2:
-        raise ValueError(f"t_interval: needs at least 2 values, got {n}")
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
-    return float(x.mean()), half
+    if x.size == 0:
+        return MeanStd(None, None)
+    return MeanStd(float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else None)
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """The two-sided ``confidence`` interval of the mean of ``values`` (Student's t, n − 1
+    degrees of freedom). Needs two values or more."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        raise ValueError(f"t_interval: needs at least 2 values, got {x.size}")
+    mean, sem = float(x.mean()), float(stats.sem(x))
+    # scipy's distributions refuse a scale of 0; identical values have an interval of width 0.
+    if sem == 0.0:
+        return Interval(mean, 0.0)
+    low, high = stats.t.interval(confidence, x.size - 1, loc=mean, scale=sem)
+    return Interval(mean, float(high - low) / 2)
 
 
 def t_test_power(effect: float, std: float, n: int, alpha: float = 1 - CONFIDENCE) -> float:
@@ -126,16 +154,17 @@ def paired_estimate(differences: Sequence[float], eval_variances: Sequence[float
     n = int(d.size)
     if n == 0:
         return PairedEstimate(0, None, None, None, None, None, None, None, None, None)
-    mean = float(d.mean())
+    mean, std = mean_std(d)
     eval_std = None
     if eval_variances is not None:
         if len(eval_variances) != n:
             raise ValueError(f"paired_estimate: {len(eval_variances)} eval variances for {n} differences")
         eval_std = math.sqrt(float(np.mean(eval_variances)))
-    if n == 1:
+    if std is None:
         return PairedEstimate(1, mean, None, None, None, None, None, None, eval_std, None)
-    std = float(d.std(ddof=1))
-    _, half = t_interval(d)
+    half = t_interval(d).half_width
+    # Identical differences: scipy's t statistic is 0/0 (p NaN) when they are 0, and the mean is
+    # certainly not 0 otherwise.
     if std == 0.0:
         p = 1.0 if mean == 0.0 else 0.0
     else:

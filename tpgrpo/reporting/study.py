@@ -1,7 +1,9 @@
 """A seeded study's report: every variant over its seeds, with intervals and power.
 
-Reads, for every (variant, seed), the run directory the trainer wrote (``metrics.json``,
-``history.csv``, ``eval_scores/epoch_<N>.csv``) and writes to ``out_dir``, named after the study:
+Reads, for every (variant, seed), the run directory the trainer wrote, with
+:func:`tpgrpo.rundir.read_run` (``metrics.json``, ``history.csv``, ``timing.csv``) and its
+per-prompt scores (``eval_scores/epoch_<N>.csv``), and writes to ``out_dir``, named after the
+study:
 
 - ``<study>.md``: per variant, the final eval reward, its gain over the base model and the paired
   difference to the reference variant, each with its 95% interval; the smallest difference the
@@ -18,7 +20,7 @@ Definitions (all over the seeds whose run finished; a failed run is listed, neve
 - final: ``eval_reward`` of metrics.json; gain: final − ``eval_reward_initial`` (the base model
   under the same seed's evaluation noise), a paired difference like the others;
 - a paired difference of a and b: final(a, s) − final(b, s) over the seeds both finished, with
-  the estimate of :func:`tpgrpo.stats.paired_estimate`: mean, Student's t 95% interval
+  the estimate of :func:`tpgrpo.reporting.stats.paired_estimate`: mean, Student's t 95% interval
   (n − 1 df), p value, the detectable effect at 80% power, and the split of its spread into the
   evaluation's noise (bootstrap over the test prompts of each seed's per-prompt differences) and
   the seeds';
@@ -27,32 +29,24 @@ Definitions (all over the seeds whose run finished; a failed run is listed, neve
 - held-in: the evaluation reward on ``eval.heldin_prompts`` train prompts, when the runs
   evaluated them; train reward: the training reward of the evaluation's images;
 - turning-point rate: ``turning/rate`` and ``turning/rate_step_<k>`` of history.csv, averaged
-  over epochs, then over seeds; only for variants with ``credit.mode: turning_point``.
+  over epochs, then over seeds; only for variants with ``credit.mode: turning_point``;
+- minutes: each run's training time from its ``timing.csv``. The study's files are not DVC
+  outputs, so they may hold wall-clock time.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from tpgrpo.config import DEFAULT_STUDY
-from tpgrpo.report import (
-    _STEP_COLUMN,
-    _atomic_write_text,
-    _colors,
-    _epoch_axes,
-    _figure,
-    _no_data,
-    _number,
-    _read_history,
-    _save,
-)
-from tpgrpo.stats import PairedEstimate, bootstrap_variance, paired_estimate, seeds_for_half_width
+from tpgrpo.fileio import atomic_write_json, atomic_write_text
+from tpgrpo.reporting.plots import StepBars, colors, epoch_axes, figure, save_png, turning_rate_plot
+from tpgrpo.reporting.stats import PairedEstimate, bootstrap_variance, mean_std, paired_estimate, seeds_for_half_width
+from tpgrpo.rundir import read_eval_scores, read_run
+from tpgrpo.tracking import log_metrics_to_run, log_to_run
 
 ARTIFACT_DIR = "study"
 # Per-constraint components of the verifiable reward, in the order the report lists them.
@@ -69,38 +63,7 @@ def study_files(out_dir: Path, study: str) -> dict[str, Path]:
     }
 
 
-def settings_key(settings: Sequence[str]) -> str:
-    """A short hash of a study's run settings (``KEY=VALUE`` strings): the value each key ends
-    with, keys sorted, so the order they are listed in does not matter."""
-    final = dict(item.partition("=")[::2] for item in settings)
-    return hashlib.sha256("\n".join(f"{k}={final[k]}" for k in sorted(final)).encode()).hexdigest()[:8]
-
-
-def study_run_name(variant: str, seed: int, settings: Sequence[str]) -> str:
-    """A study run's name and directory under ``ablation.runs_dir``:
-    ``<variant>-seed<N>-<settings key>``. Studies that run a variant on a seed with the same
-    settings name the same run, so it trains once."""
-    return f"{variant}-seed{seed}-{settings_key(settings)}"
-
-
-def run_name(variant: str, seed: int | None, params_seed: int) -> str:
-    """A run's name and directory under ``runs_dir``: ``<variant>`` for the params file's seed
-    (so ``dvc repro`` and the flows share ``runs/<variant>``), ``<variant>-seed<N>`` otherwise."""
-    return variant if seed is None or seed == params_seed else f"{variant}-seed{seed}"
-
-
 # --------------------------------------------------------------------------- statistics
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n − 1); (None, None) for no values, std None for one."""
-    n = len(values)
-    if n == 0:
-        return None, None
-    mean = sum(values) / n
-    if n == 1:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def epochs_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
@@ -118,7 +81,7 @@ class PairedDifference:
 
     Attributes:
         a, b: what is compared (variant names, or a variant and its base model).
-        estimate: the :class:`~tpgrpo.stats.PairedEstimate` (interval, power, noise split).
+        estimate: the :class:`~tpgrpo.reporting.stats.PairedEstimate` (interval, power, noise split).
         ahead: seeds on which ``a`` finished above ``b``.
         differences: ``{seed: difference}``.
     """
@@ -130,19 +93,28 @@ class PairedDifference:
     differences: dict[int, float] = field(default_factory=dict)
 
 
-def paired_difference(
-    a: str,
-    b: str,
-    pairs: Sequence[tuple[int, float, float, Sequence[float] | None]],
-) -> PairedDifference:
-    """The :class:`PairedDifference` of ``(seed, value_a, value_b, per-prompt differences or
-    None)`` rows. The evaluation's noise is split off only when every row has per-prompt
-    differences."""
-    diffs = {seed: va - vb for seed, va, vb, _ in pairs}
-    per_prompt = [p for *_, p in pairs]
+class Paired(NamedTuple):
+    """One seed's values of the two sides of a :class:`PairedDifference`.
+
+    Attributes:
+        seed: the seed.
+        a, b: the two values.
+        per_prompt: the per-prompt differences a − b of the evaluation, or None.
+    """
+
+    seed: int
+    a: float
+    b: float
+    per_prompt: Sequence[float] | None = None
+
+
+def paired_difference(a: str, b: str, pairs: Sequence[Paired]) -> PairedDifference:
+    """The :class:`PairedDifference` of one :class:`Paired` row per seed. The evaluation's noise
+    is split off only when every row has per-prompt differences."""
+    diffs = {p.seed: p.a - p.b for p in pairs}
     variances = None
-    if pairs and all(p is not None and len(p) for p in per_prompt):
-        variances = [bootstrap_variance(p, seed=seed) for (seed, *_), p in zip(pairs, per_prompt)]
+    if pairs and all(p.per_prompt is not None and len(p.per_prompt) for p in pairs):
+        variances = [bootstrap_variance(p.per_prompt, seed=p.seed) for p in pairs]
     estimate = paired_estimate(list(diffs.values()), variances)
     return PairedDifference(a, b, estimate, sum(d > 0 for d in diffs.values()), diffs)
 
@@ -167,7 +139,7 @@ class SeedRun:
         curve: ``(epoch, eval reward)`` of every evaluation, epoch 0 the base model.
         turning_rate: ``turning/rate`` averaged over epochs.
         turning_per_step: ``{k: turning/rate_step_k averaged over epochs}``.
-        minutes: the run's training time.
+        minutes: the run's training time (``timing.csv``).
     """
 
     seed: int
@@ -191,72 +163,27 @@ class SeedRun:
         return None if self.scores is None else len(self.scores)
 
 
-def _read_scores(path: Path) -> tuple[float, ...] | None:
-    try:
-        with path.open(newline="") as f:
-            return tuple(float(row["reward"]) for row in csv.DictReader(f))
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def read_seed_run(run_dir: Path, seed: int, failure: str | None = None) -> SeedRun:
-    """The :class:`SeedRun` of ``run_dir``; a missing or unreadable metrics.json, or a known
-    ``failure``, makes it not ok (never raises)."""
-    name = run_dir.name
-    if failure is not None:
-        return SeedRun(seed, name, False, failure or "failed")
-    path = run_dir / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-    except FileNotFoundError:
-        return SeedRun(seed, name, False, f"no {path}")
-    except (OSError, ValueError) as exc:
-        return SeedRun(seed, name, False, f"{path}: unreadable ({type(exc).__name__})")
-    final = _number(metrics.get("eval_reward")) if isinstance(metrics, dict) else None
-    if final is None:
-        return SeedRun(seed, name, False, f"{path}: no eval_reward")
-    base = _number(metrics.get("eval_reward_initial"))
-    details, initial = {}, {}
-    for key, value in metrics.items():
-        number = _number(value)
-        if not key.startswith("eval_") or key in ("eval_reward", "eval_reward_initial") or number is None:
-            continue
-        if key.endswith("_initial"):
-            initial[key.removeprefix("eval_").removesuffix("_initial")] = number
-        else:
-            details[key.removeprefix("eval_")] = number
-    history = _read_history(run_dir / "history.csv")
-    curve: list[tuple[int, float]] = [] if base is None else [(0, base)]
-    turning_rate, per_step = None, {}
-    if history is not None:
-        if "eval/reward" in history:
-            rows = history[history["eval/reward"].notna()]
-            curve += [(int(e), float(v)) for e, v in zip(rows["epoch"], rows["eval/reward"])]
-        if "turning/rate" in history:
-            turning_rate = _number(history["turning/rate"].mean(skipna=True))
-        for column in history.columns:
-            match = _STEP_COLUMN.match(column)
-            value = _number(history[column].mean(skipna=True)) if match else None
-            if value is not None:
-                per_step[int(match.group(1))] = value
-    curve.sort(key=lambda point: point[0])
-    epochs = metrics.get("epochs")
-    scores = _read_scores(run_dir / "eval_scores" / f"epoch_{int(epochs):04d}.csv") if isinstance(epochs, int) else None
+    """The :class:`SeedRun` of ``run_dir`` (:func:`tpgrpo.rundir.read_run`); a missing or
+    unreadable metrics.json, or a known ``failure``, makes it not ok (never raises)."""
+    record = read_run(run_dir, failure)
+    if not record.ok:
+        return SeedRun(seed, record.name, False, record.reason)
+    epochs = record.metrics.get("epochs")
     return SeedRun(
-        seed,
-        name,
-        True,
-        "",
-        base,
-        final,
-        details,
-        initial,
-        scores,
-        _read_scores(run_dir / "eval_scores" / "epoch_0000.csv"),
-        tuple(curve),
-        turning_rate,
-        dict(sorted(per_step.items())),
-        _number(metrics.get("minutes")),
+        seed=seed,
+        name=record.name,
+        ok=True,
+        base=record.base_reward,
+        final=record.reward,
+        details=record.details(),
+        details_initial=record.details(initial=True),
+        scores=read_eval_scores(run_dir, epochs) if isinstance(epochs, int) else None,
+        base_scores=read_eval_scores(run_dir, 0),
+        curve=tuple(record.reward_curve()),
+        turning_rate=record.turning_rate(),
+        turning_per_step=dict(sorted(record.turning_rate_per_step().items())),
+        minutes=record.minutes,
     )
 
 
@@ -312,7 +239,7 @@ class VariantSummary:
 def _final_difference(a: str, a_runs: Sequence[SeedRun], b: str, b_runs: Sequence[SeedRun]) -> PairedDifference:
     by_seed = {run.seed: run for run in b_runs if run.ok}
     rows = [
-        (run.seed, run.final, by_seed[run.seed].final, _per_prompt(run.scores, by_seed[run.seed].scores))
+        Paired(run.seed, run.final, by_seed[run.seed].final, _per_prompt(run.scores, by_seed[run.seed].scores))
         for run in a_runs
         if run.ok and run.seed in by_seed
     ]
@@ -349,19 +276,19 @@ def summarize(
     gain = paired_difference(
         variant,
         "base model",
-        [(r.seed, r.final, r.base, _per_prompt(r.scores, r.base_scores)) for r in ok if r.base is not None],
+        [Paired(r.seed, r.final, r.base, _per_prompt(r.scores, r.base_scores)) for r in ok if r.base is not None],
     )
     compare = reference is not None and not is_reference
     by_seed = {run.seed: run for run in reference or () if run.ok}
     vs = _final_difference(variant, runs, "reference", reference) if compare else None
     extra_gains, extra_vs = {}, {}
     for key in _extra_keys(runs):
-        rows = [(r.seed, r.details[key], r.details_initial[key], None) for r in ok if key in r.details and key in r.details_initial]
+        rows = [Paired(r.seed, r.details[key], r.details_initial[key]) for r in ok if key in r.details and key in r.details_initial]
         if rows:
             extra_gains[key] = paired_difference(variant, "base model", rows)
         if compare:
             rows = [
-                (r.seed, r.details[key], by_seed[r.seed].details[key], None)
+                Paired(r.seed, r.details[key], by_seed[r.seed].details[key])
                 for r in ok
                 if r.seed in by_seed and key in r.details and key in by_seed[r.seed].details
             ]
@@ -383,10 +310,10 @@ def summarize(
         epochs_to_reach={run.seed: epochs_to_reach(run.curve, by_seed[run.seed].final) for run in paired},
         extra_gains=extra_gains,
         extra_vs_reference=extra_vs,
-        turning_rate_mean=mean_std(rates)[0],
-        turning_per_step_mean={k: v[0] for k, v in per_step.items()},
-        turning_per_step_std={k: v[1] for k, v in per_step.items()},
-        minutes_mean=mean_std(minutes)[0],
+        turning_rate_mean=mean_std(rates).mean,
+        turning_per_step_mean={k: v.mean for k, v in per_step.items()},
+        turning_per_step_std={k: v.std for k, v in per_step.items()},
+        minutes_mean=mean_std(minutes).mean,
     )
 
 
@@ -476,7 +403,7 @@ def build_study_report(
         for variant in names
     }
     reference_runs = runs.get(reference)
-    reference_mean = None if reference_runs is None else mean_std([r.final for r in reference_runs if r.ok])[0]
+    reference_mean = None if reference_runs is None else mean_std([r.final for r in reference_runs if r.ok]).mean
     modes = dict(credit_modes or {})
     summaries = tuple(
         summarize(
@@ -495,8 +422,7 @@ def build_study_report(
     markdown = _markdown(
         study, summaries, pairs, reference if reference_runs is not None else None, seeds, runs_dir, eval_prompts, command
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(files["markdown"], markdown)
+    atomic_write_text(files["markdown"], markdown)
     payload = {
         "study": study,
         "command": command,
@@ -507,7 +433,7 @@ def build_study_report(
         "variants": {s.variant: _variant_json(s) for s in summaries},
         "paired_differences": [_pair_json(p) for p in pairs],
     }
-    _atomic_write_text(files["json"], json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_json(files["json"], _json_safe(payload))
     plot_paths = {
         f"{study}_eval_reward": _reward_plot(summaries, reference_mean, reference, files["eval_reward"]),
         f"{study}_turning_rate_per_step": _turning_plot(summaries, files["turning_rate_per_step"]),
@@ -759,65 +685,57 @@ def _json_safe(node: Any) -> Any:
 # --------------------------------------------------------------------------- plots
 
 
-def mean_curve(runs: Sequence[SeedRun]) -> list[tuple[int, float, float | None]]:
-    """``(epoch, mean, std)`` over the finished seeds, at every epoch that all of them evaluated."""
+class CurvePoint(NamedTuple):
+    """One epoch of :func:`mean_curve`: the eval reward's mean and std over seeds (std None
+    with one seed)."""
+
+    epoch: int
+    mean: float
+    std: float | None
+
+
+def mean_curve(runs: Sequence[SeedRun]) -> list[CurvePoint]:
+    """The eval reward over the finished seeds at every epoch that all of them evaluated."""
     ok = [dict(run.curve) for run in runs if run.ok]
     if not ok:
         return []
     epochs = sorted(set.intersection(*(set(c) for c in ok)))
-    out = []
-    for epoch in epochs:
-        mean, std = mean_std([c[epoch] for c in ok])
-        out.append((epoch, mean, std))
-    return out
+    return [CurvePoint(epoch, *mean_std([c[epoch] for c in ok])) for epoch in epochs]
 
 
 def _reward_plot(summaries: Sequence[VariantSummary], reference_mean: float | None, reference: str, path: Path) -> Path:
-    fig = _figure(8, 4.5)
+    fig = figure(8, 4.5)
     ax = fig.subplots()
     ax.set_title("eval reward (test prompts, ODE), mean ± std over seeds")
     drawn = False
-    for s, color in zip(summaries, _colors(len(summaries))):
+    for s, color in zip(summaries, colors(len(summaries))):
         curve = mean_curve(s.runs)
         if not curve:
             continue
-        epochs = [e for e, _, _ in curve]
-        means = [m for _, m, _ in curve]
-        ax.plot(epochs, means, color=color, marker="o", label=f"{s.variant} (n={len(s.ok_runs)})")
-        if all(sd is not None for _, _, sd in curve):
-            ax.fill_between(epochs, [m - sd for _, m, sd in curve], [m + sd for _, m, sd in curve], color=color, alpha=0.12)
+        epochs = [p.epoch for p in curve]
+        ax.plot(epochs, [p.mean for p in curve], color=color, marker="o", label=f"{s.variant} (n={len(s.ok_runs)})")
+        if all(p.std is not None for p in curve):
+            ax.fill_between(epochs, [p.mean - p.std for p in curve], [p.mean + p.std for p in curve], color=color, alpha=0.12)
         drawn = True
     if reference_mean is not None:
         ax.axhline(reference_mean, color="grey", linestyle=":", label=f"{reference} mean final")
-    _epoch_axes(ax, drawn, "eval reward")
-    return _save(fig, path)
+    epoch_axes(ax, drawn, "eval reward")
+    return save_png(fig, path)
 
 
 def _turning_plot(summaries: Sequence[VariantSummary], path: Path) -> Path:
-    import numpy as np
-
-    with_rates = [s for s in summaries if s.turning_per_step_mean]
-    steps = sorted({k for s in with_rates for k in s.turning_per_step_mean})
-    fig = _figure(max(6.0, 1.0 + 0.7 * len(steps)), 4)
-    ax = fig.subplots()
-    ax.set_title("turning-point rate per SDE step (mean ± std over seeds)")
-    ax.set_xlabel("SDE step k")
-    ax.set_ylabel("share of trajectories")
-    if with_rates:
-        x = np.arange(len(steps))
-        width = 0.8 / len(with_rates)
-        colors = dict(zip([s.variant for s in summaries], _colors(len(summaries))))
-        for i, s in enumerate(with_rates):
-            heights = [s.turning_per_step_mean.get(k, np.nan) for k in steps]
-            errors = [s.turning_per_step_std.get(k) or 0.0 for k in steps]
-            ax.bar(x + (i - (len(with_rates) - 1) / 2) * width, heights, width, yerr=errors, capsize=2,
-                   color=colors[s.variant], label=s.variant)
-        ax.set_xticks(x, [str(k) for k in steps])
-        ax.legend(fontsize="small")
-        ax.grid(axis="y", alpha=0.3)
-    else:
-        _no_data(ax)
-    return _save(fig, path)
+    by_variant = dict(zip([s.variant for s in summaries], colors(len(summaries))))
+    bars = [
+        StepBars(
+            s.variant,
+            by_variant[s.variant],
+            s.turning_per_step_mean,
+            {k: std or 0.0 for k, std in s.turning_per_step_std.items()},
+        )
+        for s in summaries
+        if s.turning_per_step_mean
+    ]
+    return turning_rate_plot(bars, "turning-point rate per SDE step (mean ± std over seeds)", path)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -827,27 +745,16 @@ def log_study_to_mlflow(report: StudyReport, tracking_uri: str, run_id: str) -> 
     """Log the files as artifacts (``study/``) of ``run_id`` and each variant's
     ``study/<variant>/final_mean`` and ``final_std`` as its metrics (by id, whatever the run's
     status)."""
-    import time
-
-    from tpgrpo.tracking import sanitize_name  # sets MLflow's no-telemetry variables first
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for path in report.paths:
-        client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
-    now = int(time.time() * 1000)
-    metrics = []
+    log_to_run(tracking_uri, run_id, report.paths, artifact_path=ARTIFACT_DIR)
+    metrics = {}
     for s in report.summaries:
-        for key, value in (("final_mean", s.final_mean), ("final_std", s.final_std)):
-            if value is not None:
-                metrics.append(Metric(sanitize_name(f"study/{s.variant}/{key}"), value, now, 0))
-    if metrics:
-        client.log_batch(run_id, metrics=metrics)
+        metrics |= {f"study/{s.variant}/final_mean": s.final_mean, f"study/{s.variant}/final_std": s.final_std}
+    log_metrics_to_run(tracking_uri, run_id, metrics)
 
 
 __all__ = [
+    "CurvePoint",
+    "Paired",
     "PairedDifference",
     "SeedRun",
     "StudyReport",
@@ -856,12 +763,8 @@ __all__ = [
     "epochs_to_reach",
     "log_study_to_mlflow",
     "mean_curve",
-    "mean_std",
     "paired_difference",
     "read_seed_run",
-    "run_name",
-    "settings_key",
     "study_files",
-    "study_run_name",
     "summarize",
 ]
