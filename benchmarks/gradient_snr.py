@@ -7,7 +7,7 @@ step, so on one set of rollouts their updates can be compared directly. This scr
 
 - computes credit and advantages on those scores (``Trainer.credit``, the mode's ``credit`` and
   ``advantage`` sections as the params file's variant defines them);
-- takes the policy gradient of every batch alone: ``Trainer._accumulate`` on its kept rows, the
+- takes the policy gradient of every batch alone: ``PolicyUpdate.accumulate`` on its kept rows, the
   training loss at importance ratio 1 (fresh rollouts), i.e. exactly what one optimizer step of
   training sees before clipping (with ``train.gradient_accumulation`` 1);
 - reports, over the N batch gradients g_1..g_N (flattened trainable parameters, float64):
@@ -257,7 +257,7 @@ def batch_gradients(trainer: Trainer, samples: EpochSamples, credit: EpochCredit
     for batch, adv, keep in zip(samples.batches, credit.advantages, credit.keep):
         trainer.policy.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
-        trainer._accumulate(batch, adv, keep, int(keep.sum()), terms, sync=True)
+        trainer.updater.accumulate(batch.rollout, adv, keep, int(keep.sum()), terms, sync=True)
         # A parameter the loss does not reach keeps grad None: its gradient is zero.
         rows.append(torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().to("cpu", torch.float64)

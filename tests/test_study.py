@@ -11,15 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tpgrpo.reporting.study import (
-    build_study_report,
-    epochs_to_reach,
-    mean_curve,
-    read_seed_run,
-    run_name,
-    settings_key,
-    study_run_name,
-)
+from tpgrpo.reporting.study import build_study_report, epochs_to_reach, mean_curve, read_seed_run
+from tpgrpo.rundir import run_name, settings_key, study_run_name
 
 T_2 = 4.302652729749464  # Student's t, 0.975 quantile, 2 degrees of freedom
 

@@ -20,12 +20,12 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 from tpgrpo.errors import UserError
+from tpgrpo.fileio import atomic_write_text
 
 CONFIG_FILE = "config.json"
 
@@ -186,39 +186,12 @@ def check_resume(recorded: Mapping[str, Any], current: Mapping[str, Any], run_di
         )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not fsync directories
-    finally:
-        os.close(fd)
-
-
 def write_run_config(run_dir: str | os.PathLike, rc: RunConfig) -> Path:
     """Write ``rc`` to ``run_dir/config.json`` (``{"fields": ..., "hash": ...}``, keys sorted,
-    indent 2) atomically: a temporary file in ``run_dir``, fsynced, then ``os.replace``d.
-    Creates ``run_dir`` if needed. Returns the file's path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CONFIG_FILE
+    indent 2) atomically (:func:`tpgrpo.fileio.atomic_write_text`); creates ``run_dir`` if
+    needed. Returns the file's path."""
     text = json.dumps({"fields": rc.fields, "hash": rc.hash}, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(run_dir)
-    return path
+    return atomic_write_text(Path(run_dir) / CONFIG_FILE, text)
 
 
 def recorded_config_hash(run_dir: str | os.PathLike) -> str | None:

@@ -45,12 +45,11 @@ _CLIP_WORD_SUFFIX = "</w>"
 
 
 @dataclass(frozen=True)
-class TinySD3Config:
-    """Sizes of the tiny SD3 pipeline.
+class TinyPipelineConfig:
+    """Sizes both tiny pipelines share: the images, the VAE and the CLIP and T5 text encoders.
 
-    Defaults: 64x64 RGB images, a 4x-down VAE with 4 latent channels (16x16 latents), a 4-layer
-    MMDiT with 4 heads x 32 on 2x2 patches (64 image tokens), two 2-layer CLIP encoders of width 32
-    and a 1-layer T5 of width 64, all tokenizers and text encoders at 16 positions.
+    :class:`TinySD3Config` and :class:`TinyFluxConfig` add their transformer and checks of their
+    own (:meth:`_problems`); an inconsistent config raises one ``ValueError`` listing every problem.
     """
 
     image_size: int = 64
@@ -66,20 +65,10 @@ class TinySD3Config:
     vae_scaling_factor: float = 1.0
     vae_shift_factor: float = 0.0
 
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    attention_head_dim: int = 32
-    # 2x2 patches of a 16x16 latent give 64 image tokens: each token sees an 8x8 pixel area, fine
-    # enough for coloured shapes and 4x cheaper than patch 1 on CPU.
-    patch_size: int = 2
-    # SD3.5 normalises queries and keys; it also keeps a tiny model's attention logits tame.
-    qk_norm: str | None = "rms_norm"
-
     clip_hidden_size: int = 32
     clip_intermediate_size: int = 64
     clip_num_layers: int = 2
     clip_num_heads: int = 2
-    clip_projection_dim: int = 32
 
     t5_d_model: int = 64
     t5_d_ff: int = 128
@@ -87,20 +76,17 @@ class TinySD3Config:
     t5_num_heads: int = 4
 
     max_sequence_length: int = 16
-    # SD3's shift 3.0 compensates for 1024px images, where noise hides structure only late; the
-    # resolution rule of the SD3 paper gives <= 1 at 64px. 1.0 keeps the sigma grid even, so the
-    # SDE window steps of the RL rollouts are of comparable size.
-    scheduler_shift: float = 1.0
 
     def __post_init__(self) -> None:
         # YAML gives lists; a tuple keeps the frozen config hashable and comparable.
         object.__setattr__(self, "vae_block_out_channels", tuple(self.vae_block_out_channels))
+        problems = self._problems()
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """What is inconsistent in the shared sizes; subclasses extend the list with their own."""
         problems = []
-        if self.image_size % (self.vae_scale_factor * self.patch_size):
-            problems.append(
-                f"image_size={self.image_size} must be a multiple of VAE factor x patch_size = "
-                f"{self.vae_scale_factor * self.patch_size}"
-            )
         if any(c % self.vae_norm_num_groups for c in self.vae_block_out_channels):
             problems.append(
                 f"vae_norm_num_groups={self.vae_norm_num_groups} must divide every vae_block_out_channels "
@@ -110,18 +96,9 @@ class TinySD3Config:
             problems.append("clip_hidden_size must be a multiple of clip_num_heads")
         if self.t5_d_model % self.t5_num_heads:
             problems.append("t5_d_model must be a multiple of t5_num_heads")
-        # SD3 concatenates both CLIP hidden states along features and pads them to the T5 width;
-        # a negative pad would silently crop them instead.
-        if 2 * self.clip_hidden_size > self.t5_d_model:
-            problems.append(
-                f"t5_d_model={self.t5_d_model} must be >= 2 * clip_hidden_size = {2 * self.clip_hidden_size}"
-            )
-        if self.scheduler_shift <= 0 or self.vae_scaling_factor <= 0:
-            problems.append("scheduler_shift and vae_scaling_factor must be > 0")
         if self.max_sequence_length < 3:
             problems.append("max_sequence_length must be >= 3 (bos, one word, eos)")
-        if problems:
-            raise ValueError("TinySD3Config: " + "; ".join(problems))
+        return problems
 
     @property
     def vae_scale_factor(self) -> int:
@@ -130,6 +107,49 @@ class TinySD3Config:
     @property
     def latent_size(self) -> int:
         return self.image_size // self.vae_scale_factor
+
+
+@dataclass(frozen=True)
+class TinySD3Config(TinyPipelineConfig):
+    """Sizes of the tiny SD3 pipeline.
+
+    Defaults: 64x64 RGB images, a 4x-down VAE with 4 latent channels (16x16 latents), a 4-layer
+    MMDiT with 4 heads x 32 on 2x2 patches (64 image tokens), two 2-layer CLIP encoders of width 32
+    and a 1-layer T5 of width 64, all tokenizers and text encoders at 16 positions.
+    """
+
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    # 2x2 patches of a 16x16 latent give 64 image tokens: each token sees an 8x8 pixel area, fine
+    # enough for coloured shapes and 4x cheaper than patch 1 on CPU.
+    patch_size: int = 2
+    # SD3.5 normalises queries and keys; it also keeps a tiny model's attention logits tame.
+    qk_norm: str | None = "rms_norm"
+
+    clip_projection_dim: int = 32
+
+    # SD3's shift 3.0 compensates for 1024px images, where noise hides structure only late; the
+    # resolution rule of the SD3 paper gives <= 1 at 64px. 1.0 keeps the sigma grid even, so the
+    # SDE window steps of the RL rollouts are of comparable size.
+    scheduler_shift: float = 1.0
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        if self.image_size % (self.vae_scale_factor * self.patch_size):
+            problems.append(
+                f"image_size={self.image_size} must be a multiple of VAE factor x patch_size = "
+                f"{self.vae_scale_factor * self.patch_size}"
+            )
+        # SD3 concatenates both CLIP hidden states along features and pads them to the T5 width;
+        # a negative pad would silently crop them instead.
+        if 2 * self.clip_hidden_size > self.t5_d_model:
+            problems.append(
+                f"t5_d_model={self.t5_d_model} must be >= 2 * clip_hidden_size = {2 * self.clip_hidden_size}"
+            )
+        if self.scheduler_shift <= 0 or self.vae_scaling_factor <= 0:
+            problems.append("scheduler_shift and vae_scaling_factor must be > 0")
+        return problems
 
     @property
     def inner_dim(self) -> int:
@@ -194,7 +214,7 @@ def build_tiny_sd3(vocabulary: list[str], cfg: TinySD3Config, seed: int) -> Stab
 
 
 @dataclass(frozen=True)
-class TinyFluxConfig:
+class TinyFluxConfig(TinyPipelineConfig):
     """Sizes of the tiny FLUX pipeline.
 
     Defaults: 64x64 RGB images, the tiny SD3's VAE (4x down, 4 latent channels: 16x16 latents,
@@ -203,16 +223,6 @@ class TinyFluxConfig:
     (only its pooled output is used, as in FLUX) and a 1-layer T5 of width 64, tokenizers and text
     encoders at 16 positions, and FLUX.1-dev's guidance embedding and resolution-dependent shift.
     """
-
-    image_size: int = 64
-
-    vae_block_out_channels: tuple[int, ...] = (16, 32, 32)
-    vae_layers_per_block: int = 1
-    vae_norm_num_groups: int = 4
-    latent_channels: int = 4
-    # Placeholders for an untrained VAE, as in TinySD3Config.
-    vae_scaling_factor: float = 1.0
-    vae_shift_factor: float = 0.0
 
     num_layers: int = 1
     num_single_layers: int = 2
@@ -224,31 +234,16 @@ class TinyFluxConfig:
     # FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding, not a second pass.
     guidance_embeds: bool = True
 
-    clip_hidden_size: int = 32
-    clip_intermediate_size: int = 64
-    clip_num_layers: int = 2
-    clip_num_heads: int = 2
-
-    t5_d_model: int = 64
-    t5_d_ff: int = 128
-    t5_num_layers: int = 1
-    t5_num_heads: int = 4
-
-    max_sequence_length: int = 16
-
     def __post_init__(self) -> None:
-        object.__setattr__(self, "vae_block_out_channels", tuple(self.vae_block_out_channels))
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
-        problems = []
+        super().__post_init__()
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         # The pipeline packs 2x2 latent patches, so the latent side must be even.
         if self.image_size % (2 * self.vae_scale_factor):
             problems.append(
                 f"image_size={self.image_size} must be a multiple of 2 x VAE factor = {2 * self.vae_scale_factor}"
-            )
-        if any(c % self.vae_norm_num_groups for c in self.vae_block_out_channels):
-            problems.append(
-                f"vae_norm_num_groups={self.vae_norm_num_groups} must divide every vae_block_out_channels "
-                f"{self.vae_block_out_channels}"
             )
         if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
             problems.append(
@@ -258,20 +253,9 @@ class TinyFluxConfig:
         # Rotary embeddings rotate pairs of features.
         if any(d % 2 for d in self.axes_dims_rope):
             problems.append(f"axes_dims_rope={self.axes_dims_rope} must all be even")
-        if self.clip_hidden_size % self.clip_num_heads:
-            problems.append("clip_hidden_size must be a multiple of clip_num_heads")
-        if self.t5_d_model % self.t5_num_heads:
-            problems.append("t5_d_model must be a multiple of t5_num_heads")
         if self.vae_scaling_factor <= 0:
             problems.append("vae_scaling_factor must be > 0")
-        if self.max_sequence_length < 3:
-            problems.append("max_sequence_length must be >= 3 (bos, one word, eos)")
-        if problems:
-            raise ValueError("TinyFluxConfig: " + "; ".join(problems))
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_block_out_channels) - 1)
+        return problems
 
 
 def build_tiny_flux(vocabulary: list[str], cfg: TinyFluxConfig, seed: int) -> FluxPipeline:
@@ -334,7 +318,7 @@ def build_tiny_flux(vocabulary: list[str], cfg: TinyFluxConfig, seed: int) -> Fl
     return pipe
 
 
-def _vae(cfg: TinySD3Config | TinyFluxConfig) -> AutoencoderKL:
+def _vae(cfg: TinyPipelineConfig) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -354,7 +338,7 @@ def _vae(cfg: TinySD3Config | TinyFluxConfig) -> AutoencoderKL:
 
 
 def _clip_config(
-    cfg: TinySD3Config | TinyFluxConfig, tokenizer: CLIPTokenizer, **extra: int
+    cfg: TinyPipelineConfig, tokenizer: CLIPTokenizer, **extra: int
 ) -> CLIPTextConfig:
     """``extra``: e.g. SD3's ``projection_dim`` (FLUX's plain CLIPTextModel has no projection)."""
     return CLIPTextConfig(
@@ -373,7 +357,7 @@ def _clip_config(
     )
 
 
-def _t5_config(cfg: TinySD3Config | TinyFluxConfig, tokenizer: T5Tokenizer) -> T5Config:
+def _t5_config(cfg: TinyPipelineConfig, tokenizer: T5Tokenizer) -> T5Config:
     return T5Config(
         vocab_size=len(tokenizer),
         d_model=cfg.t5_d_model,
