@@ -20,7 +20,8 @@ def test_shipped_params_are_valid_and_match_the_design_defaults() -> None:
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.credit.to_credit_config().mode == "turning_point"
     assert (cfg.sample.num_steps, cfg.sample.window_size, cfg.sample.noise_level) == (10, 9, 0.7)
-    assert cfg.sample.log_prob_form == "unnormalized"  # cps default
+    # cps with the sampler's default log-prob form (unnormalized, see tpgrpo.sde).
+    assert (cfg.sample.sampler, cfg.sample.log_prob) == ("cps", None)
     assert set(cfg.variants) >= {"flow_grpo", "incremental", "tp_grpo", "tp_grpo_plain"}
     # The relative sqlite URI is anchored at the params file, so `dvc exp` temp copies share it.
     assert cfg.tracking.uri == f"sqlite:///{ROOT / 'mlflow.db'}"

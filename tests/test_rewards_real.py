@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tpgrpo import world
 from tpgrpo.config import config_from_dict
 from tpgrpo.errors import ConfigError
-from tpgrpo.rewards import available_rewards, build_reward
+from tpgrpo.rewards import available_rewards, build_reward, reward_from_section
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 CLIP_WORDS = ["a", "photo", "of", "cat", "dog", "red", "circle", "blue", "square", "on", "white", "background"]
@@ -313,10 +313,10 @@ def reward_config(**reward):
 
 
 def test_config_builds_single_and_weighted_rewards() -> None:
-    single = reward_config(name="jpeg_compressibility", options={"quality": 70}).build()
+    single = reward_from_section(reward_config(name="jpeg_compressibility", options={"quality": 70}))
     assert single.quality == 70 and single.sign == -1
-    multi = reward_config(name="multi", weights={"verifiable": 1, "jpeg_incompressibility": 0.5},
-                          options={"jpeg_incompressibility": {"quality": 60}}).build()
+    multi = reward_from_section(reward_config(name="multi", weights={"verifiable": 1, "jpeg_incompressibility": 0.5},
+                                              options={"jpeg_incompressibility": {"quality": 60}}))
     assert multi.weights == {"verifiable": 1.0, "jpeg_incompressibility": 0.5}
     assert multi.components["jpeg_incompressibility"].quality == 60
     # dotted overrides reach into weights, as into options

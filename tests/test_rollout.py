@@ -256,16 +256,14 @@ def test_bad_estimator_options() -> None:
 
 
 def test_sample_section_sets_the_estimator_of_the_trainers_rollouts() -> None:
-    from types import SimpleNamespace
-
     from tpgrpo.config import ConfigError, config_from_dict
-    from tpgrpo.trainer import Trainer
+    from tpgrpo.rollout import rollout_config
 
     cfg = config_from_dict({"sample": {"completion": "coarse", "completion_steps": 3}})
-    # rollout_config reads only the config and the process role: no model needed.
-    rcfg = Trainer.rollout_config(SimpleNamespace(cfg=cfg, is_main=False))
+    # rollout_config reads only the config: no model needed.
+    rcfg = rollout_config(cfg)
     assert (rcfg.completion, rcfg.completion_steps, rcfg.completions) == ("coarse", 3, True)
-    default = Trainer.rollout_config(SimpleNamespace(cfg=config_from_dict({}), is_main=False))
+    default = rollout_config(config_from_dict({}))
     assert (default.completion, default.completion_steps) == ("ode", 2)
     with pytest.raises(ConfigError, match="sample.completion_steps: input should be greater than or equal to 1"):
         config_from_dict({"sample": {"completion": "coarse", "completion_steps": 0}})

@@ -22,6 +22,7 @@ from tpgrpo.runguard import (
     check_resume,
     config_differences,
     lock_path,
+    result_fields,
     run_config,
     write_run_config,
 )
@@ -93,6 +94,9 @@ def test_resumable_fields_are_ignored() -> None:
     changed = {k for k in before if before[k] != after[k]}
     assert len(changed) == 13, changed  # each override really changed its field
     assert config_differences(before, after) == []
+    # What a checkpoint records: the same for both, so a clone elsewhere writes the same bytes.
+    assert result_fields(before) == result_fields(after)
+    assert "seed" in result_fields(before) and not set(result_fields(before)) & changed
     check_resume(before, after, Path("runs/tp_grpo"))  # does not raise
 
 

@@ -131,6 +131,13 @@ def run_config(cfg: Any) -> RunConfig:
     return _make(cfg.flat())
 
 
+def result_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields that decide what a run computes (all but :data:`RESUMABLE_FIELDS`): what a
+    checkpoint records, so two runs of one configuration in two directories (two clones, a
+    ``dvc exp`` temp copy, each with its own tracking URI) write identical checkpoints."""
+    return {name: value for name, value in fields.items() if not is_resumable(name)}
+
+
 def is_resumable(name: str) -> bool:
     """Whether the dotted field ``name`` may change on resume (see :data:`RESUMABLE_FIELDS`)."""
     return any(name.startswith(e) if e.endswith(".") else name == e for e in RESUMABLE_FIELDS)

@@ -42,7 +42,7 @@ from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
 from tpgrpo.policy import Policy, build_policy
 from tpgrpo.rewards import metadata_check, reward_from_section
 from tpgrpo.rollout import Rollout, rollout, rollout_config
-from tpgrpo.runguard import check_resume, run_config, write_run_config
+from tpgrpo.runguard import check_resume, result_fields, run_config, write_run_config
 from tpgrpo.scoring import reward_sequence
 from tpgrpo.steps import BatchSamples, BatchScores, EpochCredit, EpochEval, EpochSamples, EpochScores, RunOutcome, TrainResult, UpdateStats
 from tpgrpo.tracking import NullTracker, Tracker, describe_run, key_metrics
@@ -336,8 +336,7 @@ class Trainer:
                 "eval_initial": self.eval_initial,
                 "eval_initial_details": self.eval_initial_details,
                 "optimizer_steps": self.updater.optimizer_steps,
-                "config": self.run_config.fields,
-                "config_hash": self.run_config.hash,
+                "config": result_fields(self.run_config.fields),
                 "nonfinite_streak": self.updater.nonfinite_streak,
                 "history": [rundir.without_timing(row) for row in self.history],
             }
