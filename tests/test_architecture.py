@@ -98,5 +98,8 @@ def test_config_builds_nothing_and_mlflow_goes_through_tracking() -> None:
     config = {module.split(".")[0] for module, _ in _imports(ROOT / "tpgrpo" / "config.py")}
     assert "torch" not in config
     assert not any(m.startswith("tpgrpo.rewards") for m in _project_modules(ROOT / "tpgrpo" / "config.py") if m != "tpgrpo.rewards")
+    # The schema only asks the registry for reward names; building a reward is rewards' job.
+    from_rewards = {name for module, names in _imports(ROOT / "tpgrpo" / "config.py") if module == "tpgrpo.rewards" for name in names}
+    assert from_rewards == {"available_rewards"}
     uses_mlflow = {_rel(path) for path in SOURCES if any(module.split(".")[0] == "mlflow" for module, _ in _imports(path))}
     assert uses_mlflow == {"tpgrpo/tracking.py"}

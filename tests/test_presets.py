@@ -63,7 +63,7 @@ COMMON = {
 }
 SD35M = {
     **COMMON,
-    "model.path": "/data/models/sd3.5-medium", "model.family": "sd3", "model.dtype": "float16",
+    "model.path": "stabilityai/stable-diffusion-3.5-medium", "model.family": "sd3", "model.dtype": "float16",
     "model.offload_text_encoders": False,
     "sample.num_steps": 10, "sample.window_size": 9, "sample.guidance_scale": 4.5,
     "sample.batch_size": PUBLISHED_GPUS * 9, "sample.batches_per_epoch": 4, "sample.micro_batch_size": 9,
@@ -81,7 +81,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
     },
     "flux1dev_pickscore": {
         **COMMON,
-        "model.path": "/data/models/flux.1-dev", "model.family": "flux", "model.dtype": "bfloat16",
+        "model.path": "black-forest-labs/FLUX.1-dev", "model.family": "flux", "model.dtype": "bfloat16",
         "model.offload_text_encoders": True,
         "data.dir": "/data/prompts/pickscore",
         "sample.num_steps": 6, "sample.window_size": 5, "sample.guidance_scale": 3.5,
@@ -214,7 +214,7 @@ def test_every_preset_loads_with_both_paper_variants(preset: Path, tmp_path: Pat
         # Evaluation scores the preset's own reward, not the embedded world's strict check, which
         # needs shape-world metadata that real prompt sets do not have.
         assert cfg.eval.reward is None
-    # The placeholder path is one override away.
+    # A local copy of the model is one override away.
     cfg = load_config(PARAMS, preset=preset, variant="tp_grpo", overrides=[f"model.path={tmp_path}"])
     assert cfg.model.path == str(tmp_path)
 
@@ -298,7 +298,10 @@ def test_cli_preset_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.C
 def test_placeholder_model_path_fails_before_any_run(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    preset = _preset("sd35m_pickscore")
+    # The preset with a local model path that is not there (its own is a hub id).
+    preset = tmp_path / "sd35m_pickscore.yaml"
+    preset.write_text(_preset("sd35m_pickscore").read_text().replace(
+        "path: stabilityai/stable-diffusion-3.5-medium", "path: /data/models/sd3.5-medium"))
     args = [command, "--params", str(PARAMS), "--preset", str(preset), "--set", f"runs_dir={tmp_path / 'runs'}",
             "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(args) == 2

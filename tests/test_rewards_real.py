@@ -42,10 +42,10 @@ def tiny_clip(tmp_path_factory) -> Path:
     crop 32, OpenAI mean/std)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from tpgrpo.models.tiny import _build_clip_tokenizer
+    from tpgrpo.models.tiny import build_clip_tokenizer
 
     path = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    tokenizer = _build_clip_tokenizer(CLIP_WORDS, 77, path)
+    tokenizer = build_clip_tokenizer(CLIP_WORDS, 77, path)
     tokenizer.save_pretrained(path)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     config = CLIPConfig(

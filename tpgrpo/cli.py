@@ -6,6 +6,7 @@ Errors that a user can fix (bad params, missing files) print one line to stderr 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -46,16 +47,20 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _require_model(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
-    """Fail before a run is opened (and logged as failed) when model.path is not a directory,
-    naming the input that set it (presets ship placeholder paths), or holds another model.family."""
-    from tpgrpo.models import check_family
+    """Fail before a run is opened (and logged as failed) when model.path is neither a directory
+    nor a hub id (cached, when HF_HUB_OFFLINE is set), naming the input that set it, or holds
+    another model.family."""
+    from tpgrpo.models import ModelLoadError, check_family, check_hub_cache, hub_id
 
-    path = Path(cfg.model.path)
-    if not path.is_dir():
-        raise UserError(
-            f"model.path: {path}: no such pipeline directory (set by {_origin(args, cfg, 'model.path')}; "
-            "override with --set model.path=DIR)"
-        )
+    path = cfg.model.path
+    origin = f"set by {_origin(args, cfg, 'model.path')}; override with --set model.path=DIR"
+    if hub_id(path) is not None:
+        try:
+            check_hub_cache(path)
+        except ModelLoadError as exc:
+            raise UserError(f"model.path: {exc} ({origin})") from None
+    elif not Path(path).is_dir():
+        raise UserError(f"model.path: {path}: no such pipeline directory ({origin})")
     check_family(path, cfg.model.family)
 
 
@@ -76,17 +81,53 @@ def _origin(args: argparse.Namespace, cfg: ExperimentConfig, dotted: str) -> str
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Generate the synthetic prompt sets (data.dir/train.jsonl, data.dir/test.jsonl).
+    """Write the prompt sets data.dir/train.jsonl and data.dir/test.jsonl.
 
-    Test prompts are held-out combinations: each contains a colour-shape pair that never occurs
-    in the training prompts (nor in the images the base model is pretrained on).
+    With data.source null: the synthetic shape world, whose test prompts are held-out
+    combinations (each contains a colour-shape pair that never occurs in the training prompts, nor
+    in the images the base model is pretrained on). With data.source a directory (--from DIR):
+    the prompt set it holds, train.txt / test.txt (one prompt a line; a quoted span becomes the
+    OCR "text") or GenEval's train_metadata.jsonl / test_metadata.jsonl (records kept whole).
+    `dvc repro` tracks a source under data/sources/.
     """
+    cfg = _config(args)
+    if cfg.data.source is None:
+        _prepare_world(cfg)
+    else:
+        _import_prompt_set(Path(cfg.data.source), Path(cfg.data.dir))
+
+
+def _prepare_world(cfg: ExperimentConfig) -> None:
     from tpgrpo.world import load_prompts, write_prompt_sets
 
-    cfg = _config(args)
     paths = write_prompt_sets(cfg.data.dir, cfg.data.num_train, cfg.data.num_test, cfg.data.seed)
     for split, path in (("train", paths.train), ("test", paths.test)):
         print(f"{split}: {len(load_prompts(path))} prompts -> {path}")
+
+
+# The prepare stage of dvc.yaml depends on this directory: a source elsewhere is not tracked.
+DVC_SOURCES = Path("data/sources")
+
+
+def _import_prompt_set(source: Path, out_dir: Path) -> None:
+    from tpgrpo.prompt_import import import_prompt_set
+
+    result = import_prompt_set(source, out_dir)
+    print(f"{source}: {result.format.name} prompt set ({result.format.files})")
+    for split, summary in (("train", result.train), ("test", result.test)):
+        notes = []
+        if summary.with_text:
+            notes.append(f"{summary.with_text} with OCR text")
+        if summary.duplicates:
+            notes.append(f"{plural(summary.duplicates, 'duplicate')} kept as separate groups")
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        print(f"{split}: {plural(summary.prompts, 'prompt')}{detail} -> {summary.path}")
+    if not source.resolve().is_relative_to(DVC_SOURCES.resolve()):
+        print(
+            f"tpgrpo prepare: warning: data.source {source} is outside {DVC_SOURCES}/, so `dvc repro` does not "
+            f"track it (a change there does not rerun prepare); copy it under {DVC_SOURCES}/ to track it",
+            file=sys.stderr,
+        )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -310,7 +351,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
-    "prepare": (cmd_prepare, "generate the synthetic prompt sets"),
+    "prepare": (cmd_prepare, "write the prompt sets: the synthetic world or an imported one"),
     "pretrain": (cmd_pretrain, "train the embedded tiny SD3 base model"),
     "train": (cmd_train, "fine-tune one variant with GRPO (resumable)"),
     "evaluate": (cmd_evaluate, "evaluate the base model or a variant's trained weights"),
@@ -318,6 +359,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "study": (cmd_study, "rebuild a study's report from its runs"),
     "check": (cmd_check, "validate params.yaml and print the resolved configuration"),
 }
+
+
+def _source_override(directory: str) -> str:
+    """``--from DIR`` as the ``--set`` it stands for, DIR quoted so that a name YAML would read as
+    another type (``null``, ``1``) stays a path."""
+    return f"data.source={json.dumps(directory)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--restart", action="store_true", help="discard the run's directory and start over")
             p.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under (ablations)")
+        if name == "prepare":
+            p.add_argument(
+                "--from",
+                dest="overrides",
+                action="append",
+                type=_source_override,
+                metavar="DIR",
+                help="import the prompt set in DIR: shorthand for --set data.source=DIR",
+            )
         if name == "pretrain":
             p.add_argument("--report", default="reports/base_model.json", help="metrics file (default: %(default)s)")
         if name == "report":

@@ -33,6 +33,9 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """The base pipeline: a diffusers directory or hub id.
 
+    ``path``: a local pipeline directory or a Hugging Face hub id ``owner/name``, told apart by
+    ``tpgrpo.models.hub_id``'s rule (``models/base``, absolute and ``./``, ``../``, ``~`` paths are
+    always local); a hub id loads through the hub's cache, only from it with ``HF_HUB_OFFLINE``.
     ``family`` must match the pipeline's class (``sd3``: StableDiffusion3Pipeline, ``flux``:
     FluxPipeline). ``offload_text_encoders`` / ``offload_vae``: keep those modules in CPU memory
     and move them to the accelerator only while they encode prompts / decode latents (no-ops on a
@@ -51,12 +54,20 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    """Prompt sets (``<dir>/train.jsonl``, ``<dir>/test.jsonl``)."""
+    """Prompt sets (``<dir>/train.jsonl``, ``<dir>/test.jsonl``), written by ``tpgrpo prepare``.
+
+    ``source``: null = the synthetic shape world, ``num_train`` / ``num_test`` prompts drawn with
+    ``seed``; a directory = import the prompt set it holds (``train.txt`` / ``test.txt`` or
+    GenEval's ``train_metadata.jsonl`` / ``test_metadata.jsonl``, :mod:`tpgrpo.prompt_import`),
+    and ``num_train``, ``num_test``, ``seed`` are then unused. ``dvc repro`` tracks a source under
+    ``data/sources/`` (the prepare stage depends on that directory).
+    """
 
     dir: str = "data/prompts"
     num_train: int = Field(2000, ge=1)
     num_test: int = Field(64, ge=1)
     seed: int = 0
+    source: str | None = Field(None, min_length=1)
 
 
 class PretrainSection(_Section):

@@ -11,6 +11,7 @@ run continues exactly where it stopped.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,6 +21,16 @@ import torch
 from tpgrpo.errors import ConfigError, PromptFileError
 
 RecordCheck = Callable[[Mapping[str, Any]], Any]
+
+# The OCR target inside a prompt: a straight or a curly double-quoted span (Flow-GRPO's OCR prompts).
+_QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')
+
+
+def quoted_text(prompt: str) -> str:
+    """The text between double quotes in ``prompt`` (``"..."`` or ``“...”``; several spans are
+    joined; '' if none): what an OCR prompt asks the image to show. One definition for the OCR
+    reward and the prompt-set importer, so an imported ``text`` is the reward's own target."""
+    return "".join(a or b for a, b in _QUOTED.findall(prompt))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tpgrpo.checkpoint import canonical_safetensors_header
 from tpgrpo.config import ExperimentConfig
 from tpgrpo.ema import WeightEMA
 from tpgrpo.errors import ModelLoadError, UserError
-from tpgrpo.models import ManagedAdapter, check_family, load_adapter
+from tpgrpo.models import ManagedAdapter, ModelAdapter, check_family, load_adapter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,13 +100,15 @@ class Policy:
         return path
 
 
-def build_policy(cfg: ExperimentConfig, acc: Accelerator) -> Policy:
-    """Load the base model, add the LoRA (``train.lora_rank``; None: train the whole transformer),
-    and set up the optimizer and the EMA. The LoRA's initialisation draws from ``seed``, the same
-    on every process."""
+def build_policy(cfg: ExperimentConfig, acc: Accelerator, adapter: ManagedAdapter | None = None) -> Policy:
+    """Load the base model (or take ``adapter``, e.g. a benchmark's in-memory pipeline behind
+    :func:`managed_adapter`), add the LoRA (``train.lora_rank``; None: train the whole
+    transformer), and set up the optimizer and the EMA. The LoRA's initialisation draws from
+    ``seed``, the same on every process."""
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    adapter = load_model(cfg, acc.device)
+    if adapter is None:
+        adapter = load_model(cfg, acc.device)
     for module in adapter.pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
@@ -143,13 +145,15 @@ def build_policy(cfg: ExperimentConfig, acc: Accelerator) -> Policy:
 
 
 def load_model(cfg: ExperimentConfig, device: str | torch.device) -> ManagedAdapter:
-    """The base model of ``cfg.model`` on ``device``, in ``model.dtype``, behind a
+    """The base model of ``cfg.model`` (a local pipeline directory or a hub id, see
+    :func:`tpgrpo.models.hub_id`) on ``device``, in ``model.dtype``, behind a
     :class:`ManagedAdapter`: prompts encoded one distinct prompt at a time, with the memory options
     (``model.offload_*``, ``sample.cache_text_embeddings``) applied.
 
     Raises:
         ModelLoadError: naming ``model.family`` (checked before any weights load) or
-            ``model.path`` (missing, not a pipeline directory, unreadable).
+            ``model.path`` (missing, not a pipeline directory, unreadable; a hub id not cached
+            while offline, gated or not found).
     """
     m, s = cfg.model, cfg.sample
     check_family(m.path, m.family)
@@ -176,3 +180,16 @@ def lora_metadata(config: dict[str, Any]) -> dict[str, Any]:
     ``target_modules`` as one) as sorted lists: a set's order changes with each process's string
     hashing, which would give identical weights a new file, and a new DVC hash, on every run."""
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
+def managed_adapter(cfg: ExperimentConfig, adapter: ModelAdapter, device: str | torch.device) -> ManagedAdapter:
+    """``adapter`` behind a :class:`ManagedAdapter` on ``device`` with ``cfg``'s memory options
+    (``model.offload_*``, ``sample.cache_text_embeddings``)."""
+    m, s = cfg.model, cfg.sample
+    return ManagedAdapter(
+        adapter,
+        device,
+        cache_size=s.text_embedding_cache_size if s.cache_text_embeddings else None,
+        offload_text_encoders=m.offload_text_encoders,
+        offload_vae=m.offload_vae,
+    )

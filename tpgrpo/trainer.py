@@ -39,6 +39,7 @@ from tpgrpo.data import GroupPlan, PromptSet, epoch_batches, load_prompt_set
 from tpgrpo.epoch_metrics import credit_metrics, reward_metrics
 from tpgrpo.errors import RewardError, UserError
 from tpgrpo.evaluate import EvalResult, evaluate_prompts, save_grid
+from tpgrpo.models import ManagedAdapter
 from tpgrpo.policy import Policy, build_policy
 from tpgrpo.rewards import metadata_check, reward_from_section
 from tpgrpo.rollout import Rollout, rollout, rollout_config
@@ -66,6 +67,8 @@ class Trainer:
         tracker: where metrics go (main process only; others get a ``NullTracker``).
         accelerator: an ``accelerate.Accelerator``; one is created when None.
         resume: continue from the newest checkpoint of the run directory when there is one.
+        adapter: the model to train instead of loading ``model.path`` (e.g. a benchmark's
+            in-memory pipeline, see :func:`tpgrpo.policy.managed_adapter`).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Trainer:
         tracker: Tracker | None = None,
         accelerator: Accelerator | None = None,
         resume: bool = True,
+        adapter: ManagedAdapter | None = None,
     ) -> None:
         self.cfg = cfg
         self.variant = variant
@@ -93,7 +97,7 @@ class Trainer:
         self.train_set: PromptSet = load_prompt_set(Path(cfg.data.dir) / "train.jsonl", check)
         self.test_set: PromptSet = load_prompt_set(Path(cfg.data.dir) / "test.jsonl", check)
         epoch_batches(self.plan, len(self.train_set), seed=cfg.seed, epoch=0)  # fails early if too few prompts
-        self.policy: Policy = build_policy(cfg, self.acc)
+        self.policy: Policy = build_policy(cfg, self.acc, adapter)
         self.updater = PolicyUpdate(self.policy, self.acc, cfg.train, self.run_dir / rundir.CHECKPOINTS)
         self.run_config = run_config(cfg)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")

@@ -1,7 +1,7 @@
 """Flow-matching text-to-image models behind one small adapter protocol.
 
     from tpgrpo.models import load_adapter
-    adapter = load_adapter("models/base")          # or a pipeline object
+    adapter = load_adapter("models/base")          # a hub id, or a pipeline object
     embeds = adapter.encode_prompts(prompts, guidance_scale=2.0)
     schedule = adapter.timesteps(10)
     x = adapter.prepare_latents(len(prompts), generator)
@@ -28,6 +28,7 @@ class _NoTorchvisionNotice(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
+import huggingface_hub
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
@@ -37,6 +38,8 @@ from tpgrpo.models.base import (
     PromptEmbeds,
     Schedule,
     cfg_enabled,
+    check_hub_cache,
+    hub_id,
     load_pipeline,
     save_pipeline,
 )
@@ -52,14 +55,20 @@ FAMILIES: dict[str, type[DiffusionPipeline]] = {"sd3": StableDiffusion3Pipeline,
 
 
 def check_family(path: str | os.PathLike[str], family: str) -> None:
-    """Raise ModelLoadError when the pipeline directory ``path`` holds another family's pipeline
-    than ``family`` (a key of ``FAMILIES``). Reads only model_index.json — the class
-    ``from_pretrained`` instantiates — so a mismatch fails before gigabytes of weights load. A
-    directory without a readable model_index.json, or of an unsupported class, passes: loading
-    it reports that."""
+    """Raise ModelLoadError when the pipeline at ``path`` (a local directory or a hub id, by
+    ``hub_id``'s rule) is another family's than ``family`` (a key of ``FAMILIES``). Reads only
+    model_index.json — the class ``from_pretrained`` instantiates; for a hub id the one file,
+    through the hub's cache — so a mismatch fails before gigabytes of weights load or download.
+    A model_index.json that cannot be read (missing, not cached while offline, gated) or names an
+    unsupported class passes: loading it reports that."""
+    repo_id = hub_id(path)
     try:
-        class_name = json.loads((Path(path) / "model_index.json").read_text())["_class_name"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if repo_id is None:
+            index = Path(path) / "model_index.json"
+        else:
+            index = Path(huggingface_hub.hf_hub_download(repo_id, "model_index.json"))
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):  # the hub's errors are OSErrors
         return
     actual = next((name for name, cls in FAMILIES.items() if cls.__name__ == class_name), None)
     if actual is not None and actual != family:
@@ -72,7 +81,7 @@ def load_adapter(
     device: str | torch.device = "cpu",
     max_sequence_length: int | None = None,
 ) -> ModelAdapter:
-    """The adapter for a pipeline object or a pipeline directory (loaded with ``load_pipeline``;
+    """The adapter for a pipeline object, a pipeline directory or a hub id (loaded with ``load_pipeline``;
     ``dtype`` and ``device`` apply only then). ``max_sequence_length``: T5 tokens per prompt
     (None: the adapter's default). Raises ModelLoadError for unsupported pipelines."""
     pipe = source if isinstance(source, DiffusionPipeline) else load_pipeline(source, dtype, device)
@@ -98,6 +107,8 @@ __all__ = [
     "build_tiny_sd3",
     "cfg_enabled",
     "check_family",
+    "check_hub_cache",
+    "hub_id",
     "load_adapter",
     "load_pipeline",
     "save_pipeline",

@@ -11,6 +11,7 @@ the rollout.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, Iterator, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
+import huggingface_hub
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 # StableDiffusion3Pipeline's calculate_shift is a verbatim copy of this one ("Copied from").
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
@@ -271,33 +274,124 @@ def save_pipeline(pipe: DiffusionPipeline, path: str | os.PathLike[str]) -> Path
     return path
 
 
+# The project's own base model (``model.path``'s default, written by ``tpgrpo pretrain``): it has
+# the shape of a hub id, and before pretraining it does not exist yet, so it is named here to keep
+# it off the hub. (models/ imports nothing above it, so it cannot read the config's default.)
+BASE_MODEL_PATH = "models/base"
+# One part of a hub id: letters, digits, "-", "_" and "."; "-" and "." only inside, as the hub's
+# own validation has it (so ".cache/x" is a path).
+_HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"{_HUB_NAME}/{_HUB_NAME}")
+
+
+def hub_id(path: str | os.PathLike[str]) -> str | None:
+    """The Hugging Face hub id ``path`` names, or None when it is a local path.
+
+    The rule:
+
+    1. an existing path is local, and so is any path whose first component is an existing
+       directory (``data/prompts``, ``runs/x``, existing or not);
+    2. ``models/base`` (``BASE_MODEL_PATH``) is local, before ``tpgrpo pretrain`` writes it too;
+    3. a ``Path`` (any ``os.PathLike``) is local: only strings are looked up;
+    4. a string is a hub id only when it reads ``owner/name``: one ``/``, each part of letters,
+       digits, ``-``, ``_`` and ``.`` (``-`` and ``.`` only inside). So ``/abs``, ``./rel``,
+       ``../rel``, ``~/x``, ``a/b/c`` and a bare ``name`` are local.
+
+    A local path that does not exist is then reported as a missing directory, never looked up.
+    """
+    if not isinstance(path, str) or path == BASE_MODEL_PATH or not _HUB_ID.fullmatch(path):
+        return None
+    # "owner/name" can exist only below an existing directory "owner": one check for rule 1.
+    return None if Path(path.partition("/")[0]).is_dir() else path
+
+
 def load_pipeline(
     path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> DiffusionPipeline:
-    """Load a local diffusers pipeline directory, as any SD3.5 / FLUX checkpoint is loaded.
+    """Load a diffusers pipeline from a local directory or a Hugging Face hub id (``hub_id``'s
+    rule decides which), as any SD3.5 / FLUX checkpoint is loaded.
 
-    Raises ModelLoadError with a one-line message when ``path`` is missing, is not a pipeline
-    directory or holds unreadable components (e.g. truncated weights).
+    A hub id goes through the hub's cache (``HF_HUB_CACHE``), downloading what is missing with
+    the token from ``HF_TOKEN`` or ``hf auth login``; with ``HF_HUB_OFFLINE`` set, only the cache.
+
+    Raises ModelLoadError with a one-line message when a local ``path`` is missing, is not a
+    pipeline directory or holds unreadable components (e.g. truncated weights), or a hub id
+    cannot be had (not cached while offline, gated, not found).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: no such pipeline directory")
-    if not (path / "model_index.json").is_file():
-        raise ModelLoadError(f"{path}: not a diffusers pipeline directory (model_index.json missing)")
+    repo_id = hub_id(path)
+    if repo_id is None:
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: no such pipeline directory")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path}: not a diffusers pipeline directory (model_index.json missing)")
+    # huggingface_hub's flag, read from HF_HUB_OFFLINE when it is imported and checked by its HTTP
+    # layer at every request: the one value that decides whether a download is tried (diffusers
+    # loads through huggingface_hub; its own copies of the flag serve telemetry and LoRA loading).
+    offline = huggingface_hub.is_offline_mode()
     try:
-        # local_files_only: a relative path such as "models/base" must never turn into a Hub lookup.
+        # A local directory never turns into a hub lookup; offline, a hub id reads the cache
+        # directly instead of warning twice that the hub cannot be reached first.
         with quiet_progress():
-            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=repo_id is None or offline)
     except Exception as exc:  # the loaders raise many types (OSError, ValueError, SafetensorError...)
-        detail = str(exc).strip().splitlines()
-        raise ModelLoadError(
-            f"{path}: cannot load pipeline: {type(exc).__name__}: {detail[0] if detail else ''}"
-        ) from exc
+        message = f"{path}: cannot load pipeline: {_first_line(exc)}" if repo_id is None else _hub_error(repo_id, exc, offline)
+        raise ModelLoadError(message) from exc
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _hub_error(repo_id: str, exc: BaseException, offline: bool) -> str:
+    """The one-line reason why loading hub id ``repo_id`` raised ``exc`` (``offline``: whether
+    ``HF_HUB_OFFLINE`` is set). diffusers wraps the hub's errors in its own (e.g. an OSError
+    raised from the RepositoryNotFoundError of its metadata request), so the cause is looked for
+    along the chain."""
+    causes = list(_causes(exc))
+    if any(isinstance(e, GatedRepoError) for e in causes):
+        return (
+            f"{repo_id}: gated repo on the Hugging Face hub: accept its licence at https://huggingface.co/{repo_id} "
+            "and log in (hf auth login, or HF_TOKEN)"
+        )
+    if any(isinstance(e, RepositoryNotFoundError) for e in causes):
+        return (
+            f"{repo_id}: no such repo on the Hugging Face hub, or a private one your token cannot see "
+            "(hf auth login, or HF_TOKEN)"
+        )
+    if offline and any(isinstance(e, LocalEntryNotFoundError) for e in causes):
+        return _not_cached(repo_id)
+    return f"{repo_id}: cannot load pipeline from the Hugging Face hub: {_first_line(exc)}"
+
+
+def check_hub_cache(repo_id: str) -> None:
+    """Raise the one-line ModelLoadError loading would raise when ``HF_HUB_OFFLINE`` is set and
+    hub id ``repo_id`` is not in the cache (its ``model_index.json`` is what is looked for), so a
+    command fails before it opens a run; online, or cached, nothing to check."""
+    if huggingface_hub.is_offline_mode() and not isinstance(
+        huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json"), str
+    ):
+        raise ModelLoadError(_not_cached(repo_id))
+
+
+def _not_cached(repo_id: str) -> str:
+    return (
+        f"{repo_id}: not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
+        f"is set: download it with `hf download {repo_id}`, or unset HF_HUB_OFFLINE"
+    )
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, then the exception it was raised from (or while handling), and so on."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _first_line(exc: BaseException) -> str:
+    detail = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {detail[0] if detail else ''}"
 
 
 @contextmanager

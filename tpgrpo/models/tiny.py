@@ -166,8 +166,8 @@ def build_tiny_sd3(vocabulary: list[str], cfg: TinySD3Config, seed: int) -> Stab
     if not words:
         raise ValueError("build_tiny_sd3: the vocabulary is empty")
     with tempfile.TemporaryDirectory(prefix="tpgrpo-tok-") as tmp:
-        clip_tokenizer = _build_clip_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "clip")
-        t5_tokenizer = _build_t5_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "t5")
+        clip_tokenizer = build_clip_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "clip")
+        t5_tokenizer = build_t5_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "t5")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -271,8 +271,8 @@ def build_tiny_flux(vocabulary: list[str], cfg: TinyFluxConfig, seed: int) -> Fl
     if not words:
         raise ValueError("build_tiny_flux: the vocabulary is empty")
     with tempfile.TemporaryDirectory(prefix="tpgrpo-tok-") as tmp:
-        clip_tokenizer = _build_clip_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "clip")
-        t5_tokenizer = _build_t5_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "t5")
+        clip_tokenizer = build_clip_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "clip")
+        t5_tokenizer = build_t5_tokenizer(words, cfg.max_sequence_length, Path(tmp) / "t5")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -378,7 +378,7 @@ def _t5_config(cfg: TinyPipelineConfig, tokenizer: T5Tokenizer) -> T5Config:
     )
 
 
-def _build_clip_tokenizer(words: list[str], max_length: int, directory: Path) -> CLIPTokenizer:
+def build_clip_tokenizer(words: list[str], max_length: int, directory: Path) -> CLIPTokenizer:
     """A stock CLIP BPE tokenizer whose merges assemble every vocabulary word into one token.
 
     A ``merges.txt`` holding only the version line does not give a word-level tokenizer: BPE starts
@@ -437,7 +437,7 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def _build_t5_tokenizer(words: list[str], max_length: int, directory: Path) -> T5Tokenizer:
+def build_t5_tokenizer(words: list[str], max_length: int, directory: Path) -> T5Tokenizer:
     """A T5 tokenizer from a SentencePiece word model trained here on the vocabulary.
 
     SentencePiece's ``word`` model keeps whole words as pieces, so every vocabulary word is one

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpgrpo.data import quoted_text
 from tpgrpo.rewards import RewardOutput
 from tpgrpo.rewards._common import check_batch, to_uint8
 
-_QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')
 _SPACE = re.compile(r"\s+")
 
 # Flow-GRPO runs PaddleOCR without the angle classifier: rendered text is upright.
@@ -32,7 +32,7 @@ def target_text(prompt: str, metadata: dict[str, Any]) -> str:
     """The text an image should show: ``metadata["text"]``, else the prompt's quoted text ('' if none)."""
     if isinstance(metadata.get("text"), str):
         return metadata["text"]
-    return "".join(a or b for a, b in _QUOTED.findall(prompt))
+    return quoted_text(prompt)
 
 
 def normalise(text: str) -> str:
