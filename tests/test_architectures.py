@@ -181,3 +181,22 @@ def test_meta_measurement_equals_a_real_forward(arch):
     # Activations grow with the rows: twice the latents save about twice the bytes.
     double = profile_with_lora(small, "meta", torch.bfloat16, **{**kwargs, "latents": 4})
     assert double.saved == pytest.approx(2 * meta.saved, rel=0.05)
+
+
+def test_readme_architecture_snippet_prints_what_it_says():
+    """The README's snippet runs verbatim, and each line commented with a value evaluates to it."""
+    import ast
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "build_transformer(arch)" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    checked = 0
+    for line in block.splitlines():
+        code, _, comment = line.partition("#")
+        literal = re.match(r"\s*(\([^)]*\)|[\d_]+)", comment)
+        if literal and code.strip() and "=" not in code:
+            assert eval(code, namespace) == ast.literal_eval(literal.group(1)), line
+            checked += 1
+    assert checked == 2
