@@ -202,7 +202,9 @@ class Architecture:
             return self
         t = dict(self.transformer)
         t["num_attention_heads"] = max(1, t["num_attention_heads"] // factor)
-        t["num_layers"] = max(1, t["num_layers"] // factor)
+        # SD3's last block ends its context stream early (no to_add_out): two blocks keep every
+        # module kind of the full model, so its LoRA targets still resolve.
+        t["num_layers"] = max(2 if self.family == "sd3" else 1, t["num_layers"] // factor)
         clips = tuple(c.shrink(factor) for c in self.clips)
         t5 = self.t5.shrink(factor)
         t["joint_attention_dim"] = t5.d_model

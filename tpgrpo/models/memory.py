@@ -254,7 +254,9 @@ def profile_with_lora(
         if p.requires_grad:
             p.data = p.data.to(torch.float32 if autocast else dtype)
     adapter = load_adapter(pipe, max_sequence_length=max_sequence_length)
-    context = torch.autocast(torch.device(device).type, dtype=dtype) if autocast else contextlib.nullcontext()
+    # Autocast to float32 is no autocast (and CPU autocast refuses that target dtype).
+    mixed = autocast and dtype != torch.float32
+    context = torch.autocast(torch.device(device).type, dtype=dtype) if mixed else contextlib.nullcontext()
     with context:
         return activation_profile(adapter, latents, resolution, guidance_scale)
 
