@@ -47,6 +47,21 @@ class PromptSet:
         return PromptSet([self.prompts[i] for i in index], [self.metadata[i] for i in index])
 
 
+def parse_record(line: str) -> dict[str, Any]:
+    """One line of a jsonl prompt set: a JSON object with a non-empty string ``prompt``, returned
+    whole. ``ValueError`` (its message without the place) when it is not."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("missing or empty string field 'prompt'")
+    return record
+
+
 def load_prompts(path: str | Path, check: RecordCheck | None = None) -> list[dict[str, Any]]:
     """Read a jsonl prompt set: one JSON object per line, each with a non-empty string ``prompt``.
 
@@ -64,19 +79,11 @@ def load_prompts(path: str | Path, check: RecordCheck | None = None) -> list[dic
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise PromptFileError(f"{path}:{lineno}: missing or empty string field 'prompt'")
-            if check is not None:
-                try:
+                record = parse_record(line)
+                if check is not None:
                     check(record)
-                except ValueError as err:
-                    raise PromptFileError(f"{path}:{lineno}: {err}") from None
+            except ValueError as err:
+                raise PromptFileError(f"{path}:{lineno}: {err}") from None
             records.append(record)
     if not records:
         raise PromptFileError(f"{path}: prompt file is empty")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tpgrpo.data import quoted_text
+from tpgrpo.data import parse_record, quoted_text
 from tpgrpo.errors import PromptFileError
 from tpgrpo.fileio import atomic_write_text
 
@@ -36,21 +36,6 @@ def text_record(line: str) -> Record:
     prompt = line.strip()
     text = quoted_text(prompt)
     return {"prompt": prompt, "text": text} if text else {"prompt": prompt}
-
-
-def geneval_record(line: str) -> Record:
-    """One line of a ``*_metadata.jsonl`` prompt set, kept whole (the reward server reads its
-    metadata). ``ValueError``: not a JSON object with a non-empty string ``prompt``."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"invalid JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    prompt = record.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("missing or empty string field 'prompt'")
-    return record
 
 
 @dataclass(frozen=True)
@@ -68,7 +53,8 @@ class SourceFormat:
 
 
 TEXT = SourceFormat("text", "train.txt", "test.txt", text_record)
-GENEVAL = SourceFormat("geneval", "train_metadata.jsonl", "test_metadata.jsonl", geneval_record)
+# GenEval records are jsonl prompt records, kept whole (the reward server reads their metadata).
+GENEVAL = SourceFormat("geneval", "train_metadata.jsonl", "test_metadata.jsonl", parse_record)
 FORMATS = (TEXT, GENEVAL)
 
 

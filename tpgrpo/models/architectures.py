@@ -33,7 +33,14 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
 
 from tpgrpo.models.tiny import build_clip_tokenizer, build_t5_tokenizer
 
@@ -52,8 +59,15 @@ class ClipSpec:
     vocab_size: int = 49408
     max_position_embeddings: int = 77
 
-    def build(self) -> torch.nn.Module:
+    def build(self, tokenizer: PreTrainedTokenizerBase | None = None) -> torch.nn.Module:
+        """The encoder; with ``tokenizer``, its special-token ids (the published config's eos id 2
+        selects CLIP's legacy pooling at the highest token id, right only for the published
+        vocabulary, where end-of-text is the last token)."""
+        ids = {} if tokenizer is None else dict(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
         kwargs: dict[str, Any] = dict(
+            **ids,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
@@ -315,7 +329,7 @@ def build_pipeline(
         t5_tokenizer = build_t5_tokenizer(words, arch.max_sequence_length, Path(tmp) / "t5")
     with torch.random.fork_rng(devices=[]), torch.device(device), _default_dtype(dtype):
         torch.manual_seed(seed)
-        clips = [spec.build().eval() for spec in arch.clips]
+        clips = [spec.build(clip_tokenizer).eval() for spec in arch.clips]
         t5 = arch.t5.build().eval()
         vae = arch.vae.build().eval()
         transformer = arch.transformer_class(**arch.transformer).eval()
