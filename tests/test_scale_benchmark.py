@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# preset -> shrink factor. SD3.5 keeps 2 of its 24 blocks at 12; at 16 it would keep one, the last,
-# which has no attn.to_add_out for the preset's LoRA targets.
+# preset -> shrink factor: SD3.5 keeps 2 of its 24 blocks at 12, FLUX 1 + 2 of its 19 + 38 at 16.
 RUNS = {"sd35m_pickscore": 12, "flux1dev_pickscore": 16}
 PHASES = ("rollout", "scoring", "score_wait", "credit", "update", "epoch")
 PEAKS = ("rollout", "score_wait", "credit", "update", "epoch")

@@ -155,7 +155,7 @@ def load_model(cfg: ExperimentConfig, device: str | torch.device) -> ManagedAdap
             ``model.path`` (missing, not a pipeline directory, unreadable; a hub id not cached
             while offline, gated or not found).
     """
-    m, s = cfg.model, cfg.sample
+    m = cfg.model
     check_family(m.path, m.family)
     offload = m.offload_text_encoders or m.offload_vae
     try:
@@ -166,13 +166,7 @@ def load_model(cfg: ExperimentConfig, device: str | torch.device) -> ManagedAdap
         )
     except ModelLoadError as exc:
         raise ModelLoadError(f"model.path: {exc}") from None
-    return ManagedAdapter(
-        adapter,
-        device,
-        cache_size=s.text_embedding_cache_size if s.cache_text_embeddings else None,
-        offload_text_encoders=m.offload_text_encoders,
-        offload_vae=m.offload_vae,
-    )
+    return managed_adapter(cfg, adapter, device)
 
 
 def lora_metadata(config: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Hashable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from tpgrpo.models.architectures import Architecture, build_pipeline, lora_size
+from tpgrpo.models.architectures import Architecture, build_pipeline, build_transformer, lora_size
 from tpgrpo.models import load_adapter
 from tpgrpo.models.base import ModelAdapter
 
@@ -285,7 +285,7 @@ def memory_model(
     factor = mixed.saved / plain.saved
     weights = weight_bytes(arch, dtype)
     on_device = weights.transformer + (0 if offload_text_encoders else weights.text_encoders) + (0 if offload_vae else weights.vae)
-    lora = lora_size(build_pipeline(arch, "meta", vocabulary=["a"]).transformer, targets, rank).parameters
+    lora = lora_size(build_transformer(arch), targets, rank).parameters
     activations = full.checkpointed if checkpointing else full.saved
     return MemoryModel(
         weights=weights,
